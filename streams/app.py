@@ -1,0 +1,135 @@
+"""The Faust application: topics, tables and the agents that own them.
+
+`build_app(settings)` declares everything; `acsr-metrics worker` runs it. Each agent is
+a short loop that hands the event to the ledger (pure accounting) and does the I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import faust
+import orjson
+from faust.web import Request, Response, View
+
+from . import __version__
+from .broker import ONE_RECORD_BATCH_BYTES
+from .cases import SECOND_US, WindowPolicy, related_case
+from .config import Settings
+from .events import InvalidEvent, parse_event
+from .ledger import Ledger
+
+log = logging.getLogger("acsr_metrics")
+
+REASON_HEADER = "acsr-invalid-reason"
+DETAIL_HEADER = "acsr-invalid-detail"
+
+
+def build_app(settings: Settings) -> faust.App:
+    data_dir = Path(settings.data_dir) / f"{settings.app_id}-{settings.web_port}"
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    embedded_tuning: dict[str, Any] = (
+        {"producer_max_batch_size": ONE_RECORD_BATCH_BYTES} if settings.embedded else {}
+    )
+    app = faust.App(
+        settings.app_id,
+        broker=settings.broker_url,
+        store="memory://",
+        datadir=str(data_dir),
+        table_standby_replicas=0,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=max(0.5, settings.session_timeout_s / 6),
+        broker_commit_interval=settings.commit_interval_s,
+        web_enabled=True,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        version=1,
+        **embedded_tuning,
+    )
+    raw = {"key_serializer": "raw", "value_serializer": "raw"}
+    events_topic = app.topic(settings.events_topic, partitions=settings.partitions, **raw)
+    links_topic = app.topic(settings.links_topic, partitions=settings.partitions,
+                            internal=True, **raw)
+    dlq_topic = app.topic(settings.dlq_topic, **raw)
+
+    # Values are our own JSON bytes: the store never aliases a state we go on mutating.
+    cases = app.Table("cases", partitions=settings.partitions, schema=faust.Schema(
+        key_type=str, value_type=bytes, key_serializer="json", value_serializer="raw"))
+    partition_records = app.Table("partitions", partitions=settings.partitions,
+                                  schema=faust.Schema(key_type=int, value_type=bytes,
+                                                      key_serializer="json",
+                                                      value_serializer="raw"))
+    ledger = Ledger(
+        WindowPolicy(sizes_s=settings.window_sizes_s, grace_s=settings.window_grace_s),
+        retention_us=settings.case_retention_s * SECOND_US,
+    )
+    app.ledger = ledger  # type: ignore[attr-defined]
+
+    async def dead_letter(message: Any, invalid: InvalidEvent) -> None:
+        headers = list(message.headers or ()) + [
+            (REASON_HEADER, invalid.reason.encode()),
+            (DETAIL_HEADER, invalid.detail.encode()[:512]),
+        ]
+        try:
+            sent = await dlq_topic.send(key=message.key, value=message.value, headers=headers,
+                                        force=True)
+            await sent
+        except Exception as err:  # the dead-letter topic refused it: count, log, go on
+            log.warning("dead-letter write failed (reason=%s, partition=%s, offset=%s): %s",
+                        invalid.reason, message.partition, message.offset, err)
+            ledger._aggregate(message.partition).count("dead_letter_failed", invalid.reason)
+
+    @app.agent(events_topic)
+    async def process_events(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            message = event.message
+            try:
+                parsed = parse_event(message.value)
+            except InvalidEvent as invalid:
+                await dead_letter(message, invalid)
+                ledger.apply_invalid(partition_records, message.partition, message.offset,
+                                     invalid.reason)
+                continue
+            related = related_case(parsed)
+            if related is not None:
+                # Acknowledged before the case is written, so a crash cannot lose it;
+                # applying a link twice changes nothing.
+                link = orjson.dumps({"case_id": related, "ts_us": parsed.ts_us})
+                await (await links_topic.send(key=related.encode(), value=link, force=True))
+            ledger.apply_event(cases, parsed, message.partition, message.offset)
+            ledger.maybe_expire(cases, partition_records, message.partition)
+
+    @app.agent(links_topic)
+    async def apply_links(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            link = orjson.loads(event.message.value)
+            ledger.apply_link(cases, link["case_id"], event.message.partition, link["ts_us"])
+
+    def owned_partitions() -> set[int]:
+        return {tp.partition for tp in app.assignor.assigned_actives()
+                if tp.topic == settings.events_topic}
+
+    @cases.on_recover
+    async def rebuild_aggregates() -> None:
+        ledger.rebuild(cases.items(), partition_records.items(), owned_partitions())
+
+    @app.page("/kpis/")
+    class KpisView(View):
+        """The worker's per-partition aggregates: `replay` sums them into the report."""
+
+        async def get(self, request: Request) -> Response:
+            return self.json({
+                "version": __version__,
+                "partitions": {str(p): agg for p, agg in ledger.snapshot().items()},
+                "owned": sorted(owned_partitions()),
+                "recovering": not app.tables.recovery.completed.is_set()
+                if app.tables else False,
+            })
+
+    return app

@@ -1,0 +1,365 @@
+"""The case state machine: one event in, the case's next state and the figures it counts.
+
+Pure logic (no Faust, no Kafka): `apply_event` and `apply_link` take a case's state
+and return a `Step` whose new state already holds the step's facts and pipeline
+counts. Persisting that state is then the whole, atomic effect of the event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from . import kpis
+from .events import DIMENSIONS, Event, normalise_reason
+from .kpis import UNKNOWN, Fact
+
+DAY_US = 86_400_000_000
+SECOND_US = 1_000_000
+
+
+@dataclass(frozen=True)
+class WindowPolicy:
+    """Event-time tumbling windows: sizes in seconds and the grace before one closes."""
+
+    sizes_s: tuple[int, ...] = (60, 3600)
+    grace_s: int = 600
+
+    def late_sizes(self, ts_us: int, watermark_us: int) -> tuple[int, ...]:
+        """Sizes whose window holding `ts_us` closed before this event arrived."""
+        late = []
+        for size in self.sizes_s:
+            end_us = (kpis.window_start(ts_us, size) + size) * SECOND_US
+            if watermark_us > end_us + self.grace_s * SECOND_US:
+                late.append(size)
+        return tuple(late)
+
+
+@dataclass
+class CaseState:
+    """Everything the processor remembers about one case (stored as JSON in a table)."""
+
+    partition: int
+    offset: int = -1  # last applied offset of the events topic
+    watermark_us: int | None = None  # the partition's event time after this case's last event
+    last_us: int | None = None  # event time of the case's last event (expiry)
+    ids: list[str] = field(default_factory=list)
+    dims: list[str | None] = field(default_factory=lambda: [None, None, None])
+    opened_us: int | None = None
+    outcome: str | None = None
+    concluded_us: int | None = None
+    policy_failed: bool = False
+    overridden: bool = False
+    actions: dict[str, bool] = field(default_factory=dict)
+    cost: float = 0.0
+    reopens: list[int] = field(default_factory=list)
+    links: list[int] = field(default_factory=list)
+    reopen_counted: bool = False
+    fcr_counted: bool = False
+    routed: list[str] = field(default_factory=list)
+    facts: list[Fact] = field(default_factory=list)
+    pipeline: dict[str, int] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        doc = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        doc["facts"] = [fact.to_json() for fact in self.facts]
+        return orjson.dumps(doc)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> CaseState:
+        doc = orjson.loads(raw)
+        doc["facts"] = [Fact.from_json(item) for item in doc["facts"]]
+        return cls(**doc)
+
+    def dims_now(self) -> kpis.Dims:
+        intent, channel, version = self.dims
+        return (intent or UNKNOWN, channel or UNKNOWN, version or UNKNOWN)
+
+    def count(self, name: str, label: str = "") -> str:
+        key = f"{name}/{label}"
+        self.pipeline[key] = self.pipeline.get(key, 0) + 1
+        return key
+
+
+@dataclass
+class Route:
+    """A case sent to the annotation queue: the reason and the event that triggered it."""
+
+    reason: str
+    trigger: dict[str, Any]
+
+
+@dataclass
+class Step:
+    """What one event did: facts and pipeline counts to add, cases to route, the new state."""
+
+    state: CaseState
+    facts: list[Fact] = field(default_factory=list)
+    pipeline: dict[str, int] = field(default_factory=dict)
+    routes: list[Route] = field(default_factory=list)
+    duplicate: bool = False
+
+    def fact(self, name: str, *labels: str, value: float = 1.0, ts_us: int | None = None,
+             late: tuple[int, ...] = ()) -> None:
+        self.facts.append(Fact(name, labels, float(value), self.state.dims_now(), ts_us, late))
+
+    def count(self, name: str, label: str = "") -> None:
+        key = self.state.count(name, label)
+        self.pipeline[key] = self.pipeline.get(key, 0) + 1
+
+    def route(self, reason: str, trigger: dict[str, Any]) -> None:
+        if reason in self.state.routed:
+            return
+        self.state.routed.append(reason)
+        self.fact(kpis.ANNOTATION, reason)
+        self.routes.append(Route(reason, trigger))
+
+    def finish(self) -> Step:
+        self.state.facts.extend(self.facts)
+        return self
+
+
+def new_case(partition: int) -> CaseState:
+    return CaseState(partition=partition)
+
+
+def apply_event(
+    state: CaseState | None,
+    event: Event,
+    *,
+    partition: int,
+    offset: int,
+    watermark_us: int | None,
+    windows: WindowPolicy,
+) -> Step:
+    """Apply a valid event (already known not to be a redelivery) to its case."""
+    state = state if state is not None else new_case(partition)
+    state.partition = partition
+    state.offset = max(state.offset, offset)
+    state.last_us = event.ts_us if state.last_us is None else max(state.last_us, event.ts_us)
+    step = Step(state)
+    if event.event_id in state.ids:
+        step.duplicate = True
+        step.count(kpis.DUPLICATE)
+        return step.finish()
+    state.ids.append(event.event_id)
+    step.count(kpis.EVENT, event.type)
+
+    late = () if watermark_us is None else windows.late_sizes(event.ts_us, watermark_us)
+    state.watermark_us = event.ts_us if watermark_us is None else max(watermark_us, event.ts_us)
+    if state.outcome is None:
+        state.opened_us = event.ts_us if state.opened_us is None else min(
+            state.opened_us, event.ts_us
+        )
+    intent_known_before = state.dims[0] is not None
+    for index, name in enumerate(DIMENSIONS):
+        value = event.get(name)
+        if state.dims[index] is None and value:
+            state.dims[index] = value
+
+    handler = _HANDLERS.get(event.type)
+    if handler is not None:
+        handler(step, event, late, intent_known_before)
+    cost = event.get("cost_usd") if event.type in _COSTED else None
+    if cost is not None:
+        step.fact(kpis.COST, value=cost)
+        state.cost += cost
+        if state.outcome is not None and cost:
+            step.fact(kpis.CASE_COST, state.outcome, value=cost)
+    for size in late:
+        step.count(kpis.LATE, str(size))
+    return step.finish()
+
+
+def apply_link(state: CaseState | None, *, partition: int, link_ts_us: int) -> Step:
+    """A later case named this one as `related_case_id` (a re-engagement) at `link_ts_us`."""
+    state = state if state is not None else new_case(partition)
+    state.partition = partition
+    if state.last_us is None or link_ts_us > state.last_us:
+        state.last_us = link_ts_us
+    step = Step(state)
+    if state.outcome is None:
+        if link_ts_us not in state.links:
+            state.links.append(link_ts_us)
+    elif state.outcome == "autonomous":
+        _count_link(step, link_ts_us)
+    return step.finish()
+
+
+# --- handlers ----------------------------------------------------------------------------
+
+_COSTED = frozenset({"action_executed", "response_sent"})
+
+
+def _within_day(step: Step, ts_us: int) -> bool:
+    concluded = step.state.concluded_us
+    return concluded is not None and 0 <= ts_us - concluded <= DAY_US
+
+
+def _count_reopen(step: Step, ts_us: int, trigger: dict[str, Any]) -> None:
+    if not _within_day(step, ts_us):
+        return
+    state = step.state
+    if not state.reopen_counted:
+        state.reopen_counted = True
+        step.fact(kpis.REOPENED)
+        step.route("reopened", trigger)
+    if not state.fcr_counted:
+        state.fcr_counted = True
+        step.fact(kpis.FCR_FAILURE)
+
+
+def _count_link(step: Step, ts_us: int) -> None:
+    if _within_day(step, ts_us) and not step.state.fcr_counted:
+        step.state.fcr_counted = True
+        step.fact(kpis.FCR_FAILURE)
+
+
+def _conclude(step: Step, event: Event, outcome: str, late: tuple[int, ...]) -> None:
+    state = step.state
+    state.outcome = outcome
+    state.concluded_us = event.ts_us
+    step.fact(kpis.CONCLUDED, outcome, ts_us=event.ts_us, late=late)
+    if state.cost:
+        step.fact(kpis.CASE_COST, outcome, value=state.cost)
+    if outcome == "autonomous":
+        opened = state.opened_us if state.opened_us is not None else event.ts_us
+        seconds = max(0, event.ts_us - opened) / SECOND_US
+        step.fact(kpis.AHT, value=seconds, ts_us=event.ts_us, late=late)
+        for ts_us in state.reopens:
+            _count_reopen(step, ts_us, {"type": "case_reopened", "ts_us": ts_us})
+        for ts_us in state.links:
+            _count_link(step, ts_us)
+    state.reopens.clear()
+    state.links.clear()
+
+
+def _on_escalated(step: Step, event: Event, late: tuple[int, ...], _: bool) -> None:
+    if step.state.outcome is not None:
+        return
+    reason, normalised = normalise_reason(event.get("reason"))
+    if normalised:
+        step.count(kpis.NORMALISED, "reason")
+    _conclude(step, event, "escalated", late)
+    step.fact(kpis.ESCALATION, reason)
+    step.route("escalated", event.fields)
+
+
+def _on_resolved(step: Step, event: Event, late: tuple[int, ...], intent_known: bool) -> None:
+    state = step.state
+    if state.outcome is not None:
+        return
+    if event.get("by") == "human":
+        outcome = "human"
+    elif (
+        intent_known
+        and not state.policy_failed
+        and not state.overridden
+        and all(state.actions.values())
+    ):
+        outcome = "autonomous"
+    else:
+        outcome = "unverified"
+    _conclude(step, event, outcome, late)
+    if outcome == "unverified":
+        step.route("unverified_resolution", event.fields)
+
+
+def _on_policy(step: Step, event: Event, late: tuple[int, ...], _: bool) -> None:
+    passed = event.get("passed")
+    if not passed:
+        step.state.policy_failed = True
+    step.fact(kpis.POLICY_CHECK, "passed" if passed else "failed", ts_us=event.ts_us, late=late)
+
+
+def _on_action(step: Step, event: Event, *_: Any) -> None:
+    success = bool(event.get("success"))
+    step.state.actions[event.get("action")] = success
+    step.fact(kpis.ACTION, event.get("action"), "success" if success else "failure")
+
+
+def _on_response(step: Step, event: Event, *_: Any) -> None:
+    step.fact(kpis.RESPONSE_LATENCY, value=event.get("latency_ms") / 1000)
+    if event.get("fallback") is True:
+        step.fact(kpis.FALLBACK)
+
+
+def _on_reopened(step: Step, event: Event, *_: Any) -> None:
+    state = step.state
+    if state.outcome is None:
+        state.reopens.append(event.ts_us)
+    elif state.outcome == "autonomous":
+        _count_reopen(step, event.ts_us, event.fields)
+
+
+def _on_override(step: Step, event: Event, *_: Any) -> None:
+    if not step.state.overridden:
+        step.state.overridden = True
+        step.fact(kpis.OVERRIDDEN)
+    step.route("human_override", event.fields)
+
+
+def _on_csat(step: Step, event: Event, *_: Any) -> None:
+    score = event.get("score")
+    step.fact(kpis.CSAT, value=score)
+    if score <= 2:
+        step.route("low_csat", event.fields)
+
+
+def _on_ces(step: Step, event: Event, *_: Any) -> None:
+    score = event.get("score")
+    step.fact(kpis.CES, value=score)
+    if score <= 3:
+        step.route("low_ces", event.fields)
+
+
+def _on_thumbs(step: Step, event: Event, *_: Any) -> None:
+    vote = event.get("vote")
+    step.fact(kpis.THUMBS, vote)
+    if vote == "down":
+        step.route("thumbs_down", event.fields)
+
+
+def _on_suggestion(step: Step, event: Event, *_: Any) -> None:
+    step.fact(kpis.SUGGESTION, "true" if event.get("adopted") else "false")
+
+
+def _on_knowledge(step: Step, event: Event, *_: Any) -> None:
+    kind = event.get("kind")
+    step.fact(kpis.KNOWLEDGE, kind)
+    if kind == "missing":
+        step.route("knowledge_missing", event.fields)
+
+
+def _on_evaluation(step: Step, event: Event, *_: Any) -> None:
+    score = event.get("score")
+    step.fact(kpis.EVALUATION, event.get("name"), value=score)
+    if score < 0.5:
+        step.route("low_score", event.fields)
+
+
+_HANDLERS = {
+    "case_escalated": _on_escalated,
+    "case_resolved": _on_resolved,
+    "policy_checked": _on_policy,
+    "action_executed": _on_action,
+    "response_sent": _on_response,
+    "case_reopened": _on_reopened,
+    "human_override": _on_override,
+    "csat_submitted": _on_csat,
+    "ces_submitted": _on_ces,
+    "thumbs_submitted": _on_thumbs,
+    "suggestion_reviewed": _on_suggestion,
+    "knowledge_flagged": _on_knowledge,
+    "evaluation_scored": _on_evaluation,
+}
+
+
+def related_case(event: Event) -> str | None:
+    """The earlier case a `case_opened` re-engages, if it names another case."""
+    if event.type != "case_opened":
+        return None
+    related = event.get("related_case_id")
+    return related if related and related != event.case_id else None

@@ -1,0 +1,153 @@
+"""The `acsr-metrics` command line: worker and replay."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from . import __version__
+from .broker import BrokerUnavailable, ensure_topics
+from .config import ConfigError, Settings, from_env
+
+EMBEDDED = "embedded"
+
+
+def _settings_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", help="Kafka bootstrap servers, host:port[,host:port] "
+                        "(env ACSR_BROKER)")
+    parser.add_argument("--app-id", help="consumer group and table prefix (env ACSR_APP_ID)")
+    parser.add_argument("--partitions", type=int,
+                        help="partitions of the events topic when it is created")
+    parser.add_argument("--events-topic", help="default acsr.events")
+    parser.add_argument("--dlq-topic", help="dead-letter topic, default acsr.events.dlq")
+    parser.add_argument("--log-level", choices=("crit", "error", "warn", "info", "debug"))
+
+
+def _settings(args: argparse.Namespace, base: Settings) -> Settings:
+    return base.with_overrides(
+        broker=getattr(args, "broker", None),
+        app_id=args.app_id,
+        partitions=args.partitions,
+        events_topic=args.events_topic,
+        dlq_topic=args.dlq_topic,
+        log_level=args.log_level,
+        web_host=getattr(args, "web_host", None),
+        web_port=getattr(args, "web_port", None),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="acsr-metrics",
+        description="Real-time KPIs for autonomous customer-support agents.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    worker = commands.add_parser("worker", help="run one stream-processing worker")
+    _settings_args(worker)
+    worker.add_argument("--web-host", help="address of /metrics and /kpis (default 127.0.0.1)")
+    worker.add_argument("--web-port", type=int, help="port of /metrics and /kpis (default 6066)")
+    worker.add_argument("--tansu", action="store_true",
+                        help="apply the embedded (Tansu) broker workarounds")
+
+    replay = commands.add_parser(
+        "replay", help="replay a JSON Lines file through the pipeline and write the report")
+    replay.add_argument("file", type=Path, help="JSON Lines, one message value per line")
+    replay.add_argument("--report", type=Path, required=True, help="where to write the report")
+    _settings_args(replay)
+    replay.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    replay.add_argument("--stall-timeout", type=float, default=120.0,
+                        help="fail when no event is processed for this many seconds")
+    replay.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def run_worker(settings: Settings) -> int:
+    from faust.worker import Worker
+
+    from .app import build_app
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(ensure_topics(settings.bootstrap_servers, {
+            settings.events_topic: settings.partitions,
+            settings.dlq_topic: settings.partitions,
+        }, settings.replication_factor))
+    finally:
+        loop.close()
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    app = build_app(settings)
+    worker = Worker(app, loglevel=settings.log_level, quiet=True)
+    worker.execute_from_commandline()
+    return 0
+
+
+def run_replay_command(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from .replay import run_replay, write_report
+
+    if args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    if not args.file.is_file():
+        raise ConfigError(f"{args.file} is not a file")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  disable=args.quiet, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        result = asyncio.run(run_replay(args.file, settings, workers=args.workers,
+                                        progress=progress, stall_timeout_s=args.stall_timeout))
+    write_report(result.report, args.report)
+    events = result.report["events"]
+    print(
+        f"replayed {result.lines} lines in {result.seconds:.1f}s "
+        f"({events['valid']} valid, {events['invalid']} invalid, "
+        f"{events['duplicate']} duplicate) -> {args.report}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        base = from_env()
+        if args.command == "worker":
+            settings = _settings(args, base)
+            if args.tansu:
+                settings = settings.with_overrides(embedded=True)
+            return run_worker(settings)
+        if args.command == "replay":
+            replay_base = base if args.broker else base.with_overrides(
+                embedded=True, partitions=args.partitions or 4)
+            return run_replay_command(args, _settings(args, replay_base))
+    except ConfigError as err:
+        print(f"acsr-metrics: configuration error: {err}", file=sys.stderr)
+        return 2
+    except BrokerUnavailable as err:
+        print(f"acsr-metrics: broker unavailable: {err}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:
+        from .replay import ReplayError
+
+        if isinstance(err, ReplayError):
+            print(f"acsr-metrics: replay failed: {err}", file=sys.stderr)
+            return 1
+        raise
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Settings: one place for every knob, from flags or `ACSR_*` environment variables.
+
+Bad values fail at start with a message that names the setting and what to fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DAY_S = 86_400
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker: str = "127.0.0.1:9092"
+    app_id: str = "acsr-metrics"
+    events_topic: str = "acsr.events"
+    dlq_topic: str = "acsr.events.dlq"
+    links_topic: str = "acsr.case-links"
+    annotation_topic: str = "acsr.annotation.queue"
+    partitions: int = 8
+    replication_factor: int = 1
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    case_retention_s: int = 7 * DAY_S
+    window_sizes_s: tuple[int, ...] = (3600,)
+    window_grace_s: int = 600
+    report_window_s: int = 3600
+    embedded: bool = False
+    session_timeout_s: float = 10.0
+    commit_interval_s: float = 1.0
+    log_level: str = "warn"
+    data_dir: str = field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "acsr-metrics"))
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """host:port[,host:port] for aiokafka clients."""
+        return ",".join(_strip_scheme(url) for url in self.broker.split(","))
+
+    @property
+    def broker_url(self) -> str:
+        """The broker list as Faust wants it (kafka://host:port;host:port)."""
+        return "kafka://" + ";".join(_strip_scheme(url) for url in self.broker.split(","))
+
+    def validate(self) -> Settings:
+        for url in self.broker.split(","):
+            if not _HOST_PORT.fullmatch(_strip_scheme(url)):
+                raise ConfigError(
+                    f"broker {url!r} is not host:port (e.g. 127.0.0.1:9092 or kafka://host:9092)"
+                )
+        for name in ("events_topic", "dlq_topic", "links_topic", "annotation_topic", "app_id"):
+            value = getattr(self, name)
+            if not _TOPIC.fullmatch(value):
+                raise ConfigError(
+                    f"{name} {value!r} must be 1-249 characters of letters, digits, '.', '_', '-'"
+                )
+        _positive(self, "partitions", "replication_factor", "case_retention_s",
+                  "session_timeout_s", "commit_interval_s", "report_window_s")
+        if not 0 < self.web_port < 65536:
+            raise ConfigError(f"web_port {self.web_port} must be 1-65535")
+        if self.window_grace_s < 0:
+            raise ConfigError("window_grace_s must be >= 0")
+        if not self.window_sizes_s or any(size <= 0 for size in self.window_sizes_s):
+            raise ConfigError("window_sizes_s must list positive sizes in seconds, e.g. 60,3600")
+        if self.report_window_s not in self.window_sizes_s:
+            raise ConfigError(
+                f"report_window_s {self.report_window_s} must be one of window_sizes_s "
+                f"{list(self.window_sizes_s)}"
+            )
+        if self.log_level not in ("crit", "error", "warn", "info", "debug"):
+            raise ConfigError("log_level must be one of crit, error, warn, info, debug")
+        return self
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()
+
+
+_HOST_PORT = re.compile(r"[A-Za-z0-9_.\-\[\]:]+:\d{1,5}")
+_TOPIC = re.compile(r"[A-Za-z0-9._\-]{1,249}")
+
+
+def _strip_scheme(url: str) -> str:
+    url = url.strip()
+    for scheme in ("kafka://", "tcp://", "plaintext://"):
+        if url.lower().startswith(scheme):
+            return url[len(scheme):].rstrip("/")
+    return url
+
+
+def _positive(settings: Settings, *names: str) -> None:
+    for name in names:
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(settings, name)}")
+
+
+def _convert(name: str, kind: Any, raw: str) -> Any:
+    try:
+        if kind in (int, "int"):
+            return int(raw)
+        if kind in (float, "float"):
+            return float(raw)
+        if kind in (bool, "bool"):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind in ("tuple[int, ...]",):
+            return tuple(int(part) for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"{env_name(name)}={raw!r} is not a valid {kind}") from None
+    return raw
+
+
+def env_name(setting: str) -> str:
+    return "ACSR_" + setting.upper()
+
+
+def from_env(environ: dict[str, str] | None = None) -> Settings:
+    """Defaults overridden by `ACSR_<SETTING>` variables (e.g. ACSR_BROKER, ACSR_WEB_PORT)."""
+    environ = dict(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+    for item in fields(Settings):
+        raw = environ.get(env_name(item.name))
+        if raw is not None and raw != "":
+            values[item.name] = _convert(item.name, item.type, raw)
+    return Settings(**values).validate()

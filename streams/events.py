@@ -1,0 +1,305 @@
+"""Event parsing and validation: the wire contract of docs/events.md, rule by rule.
+
+`parse_event` either returns an `Event` or raises `InvalidEvent` whose `reason`
+is the first applicable reason of the contract's ordered list. Nothing else
+escapes it, whatever the bytes (a property test holds it to that).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+MAX_MESSAGE_BYTES = 1_048_576
+
+ESCALATION_REASONS = frozenset(
+    {
+        "low_confidence",
+        "policy_ambiguity",
+        "physical_action_required",
+        "customer_request",
+        "tool_failure",
+        "compliance_block",
+        "negative_sentiment",
+        "other",
+    }
+)
+
+INVALID_REASONS = (
+    "too_large",
+    "not_json",
+    "not_object",
+    "missing_field",
+    "bad_field",
+    "unknown_type",
+    "bad_schema_version",
+    "bad_ts",
+)
+
+DIMENSIONS = ("intent", "channel", "agent_version")
+_DIMENSION_MAX_LEN = {"intent": 64, "channel": 32, "agent_version": 64}
+
+# Timestamps must be representable as a calendar date: years 1..9999.
+_MIN_TS_MS = -62_135_596_800_000
+_MAX_TS_MS = 253_402_300_799_999
+
+
+class InvalidEvent(ValueError):
+    """A message that breaks the contract; `reason` is one of INVALID_REASONS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(slots=True, frozen=True)
+class Event:
+    """A valid event. `ts_us` is event time in integer microseconds since the epoch."""
+
+    event_id: str
+    type: str
+    case_id: str
+    ts_us: int
+    fields: dict[str, Any]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        value = self.fields.get(name)
+        return default if value is None else value
+
+
+# --- field checks ---------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _string(max_len: int | None = None, min_len: int = 0):
+    def check(value: Any) -> bool:
+        return isinstance(value, str) and min_len <= len(value) <= (max_len or len(value))
+
+    return check
+
+
+def _number(low: float | None = None, high: float | None = None):
+    def check(value: Any) -> bool:
+        return (
+            _is_number(value)
+            and (low is None or value >= low)
+            and (high is None or value <= high)
+        )
+
+    return check
+
+
+def _integer(low: int, high: int | None = None):
+    def check(value: Any) -> bool:
+        return _is_integer(value) and value >= low and (high is None or value <= high)
+
+    return check
+
+
+def _one_of(*choices: str):
+    def check(value: Any) -> bool:
+        return isinstance(value, str) and value in choices
+
+    return check
+
+
+def _boolean(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _anything(value: Any) -> bool:
+    return True
+
+
+_string_any = _string()
+_confidence = _number(0, 1)
+_non_negative = _number(0)
+
+# type -> (required fields, optional fields); each field maps to its check.
+_SCHEMAS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "case_opened": ({}, {"related_case_id": _string_any, "customer_id": _anything}),
+    "intent_classified": ({"intent": _string(64, 1), "confidence": _confidence}, {}),
+    "policy_checked": ({"policy": _string_any, "passed": _boolean}, {"clause": _string_any}),
+    "action_executed": (
+        {"action": _string_any, "success": _boolean},
+        {"latency_ms": _non_negative, "error": _string_any, "cost_usd": _non_negative},
+    ),
+    "response_sent": (
+        {"latency_ms": _non_negative},
+        {
+            "tokens_in": _integer(0),
+            "tokens_out": _integer(0),
+            "cost_usd": _non_negative,
+            "turn_id": _string_any,
+            "fallback": _boolean,
+        },
+    ),
+    "case_escalated": (
+        {"reason": _string_any},
+        {"confidence": _confidence, "note": _string_any},
+    ),
+    "case_resolved": ({"by": _one_of("agent", "human")}, {"confidence": _confidence}),
+    "case_reopened": ({}, {}),
+    "human_override": (
+        {"original_action": _string_any, "final_action": _string_any, "rationale": _string_any},
+        {"policy_clause": _string_any},
+    ),
+    "csat_submitted": ({"score": _integer(1, 5)}, {}),
+    "ces_submitted": ({"score": _integer(1, 7)}, {}),
+    "thumbs_submitted": ({"vote": _one_of("up", "down")}, {"turn_id": _string_any}),
+    "suggestion_reviewed": ({"adopted": _boolean}, {"rationale": _string_any}),
+    "knowledge_flagged": (
+        {"kind": _one_of("irrelevant", "missing")},
+        {"document_id": _string_any},
+    ),
+    "evaluation_scored": (
+        {"name": _string(64, 1), "score": _number(0, 1)},
+        {"evaluator": _string_any, "turn_id": _string_any},
+    ),
+}
+
+EVENT_TYPES = tuple(_SCHEMAS)
+
+_ENVELOPE_OPTIONAL = {name: _string(max_len, 1) for name, max_len in _DIMENSION_MAX_LEN.items()}
+
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+)
+
+
+# --- timestamps -------------------------------------------------------------------------
+
+
+def parse_ts(value: Any) -> int:
+    """Event time in microseconds from an RFC 3339 string with an offset or epoch ms."""
+    if _is_integer(value):
+        if not _MIN_TS_MS <= value <= _MAX_TS_MS:
+            raise InvalidEvent("bad_ts", "epoch milliseconds outside years 1-9999")
+        return value * 1000
+    if not isinstance(value, str):
+        raise InvalidEvent("bad_ts", "ts must be an RFC 3339 string or integer epoch ms")
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        raise InvalidEvent("bad_ts", "ts is not RFC 3339 with an offset")
+    year, month, day, hour, minute, second = (int(g) for g in match.group(1, 2, 3, 4, 5, 6))
+    fraction = match.group(7) or ""
+    micros = int((fraction + "000000")[:6])
+    leap = second == 60  # RFC 3339 allows a leap second; count it as the next second's start
+    offset = timedelta(0)
+    if match.group(9):
+        offset_hours, offset_minutes = int(match.group(10)), int(match.group(11))
+        if offset_hours > 23 or offset_minutes > 59:
+            raise InvalidEvent("bad_ts", "ts offset out of range")
+        offset = timedelta(hours=offset_hours, minutes=offset_minutes)
+        if match.group(9) == "-":
+            offset = -offset
+    try:
+        moment = datetime(year, month, day, hour, minute, 59 if leap else second, micros, UTC)
+        moment -= offset
+    except (ValueError, OverflowError) as err:
+        raise InvalidEvent("bad_ts", f"ts is not a valid date-time ({err})") from None
+    ts_us = (moment - _EPOCH) // timedelta(microseconds=1)
+    return ts_us + 1_000_000 if leap else ts_us
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def format_ts(ts_us: int) -> str:
+    """RFC 3339 in UTC with a `Z`, seconds precision (used for window starts)."""
+    moment = _EPOCH + timedelta(microseconds=ts_us)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- the parser -------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    # orjson refuses a few documents that are valid JSON (e.g. 1e400); the standard
+    # library decides those, with NaN and Infinity still refused.
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise InvalidEvent("not_json", f"not UTF-8 JSON ({type(err).__name__})") from None
+
+
+def parse_event(raw: bytes | bytearray | memoryview | None) -> Event:
+    """Validate one message value against the contract."""
+    if raw is None:
+        raise InvalidEvent("not_json", "empty message")
+    raw = bytes(raw)
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise InvalidEvent("too_large", f"{len(raw)} bytes > {MAX_MESSAGE_BYTES}")
+    doc = _decode(raw)
+    if not isinstance(doc, dict):
+        raise InvalidEvent("not_object", f"JSON {type(doc).__name__}, not an object")
+    return validate_event(doc)
+
+
+def validate_event(doc: dict[str, Any]) -> Event:
+    """Validate an already decoded JSON object."""
+    for name in ("event_id", "type", "case_id", "ts"):
+        if doc.get(name) is None:
+            raise InvalidEvent("missing_field", f"{name} is required")
+    for name in ("event_id", "case_id"):
+        value = doc[name]
+        if not isinstance(value, str) or not 1 <= len(value) <= 128:
+            raise InvalidEvent("bad_field", f"{name} must be a string of 1-128 characters")
+    event_type = doc["type"]
+    if not isinstance(event_type, str):
+        raise InvalidEvent("bad_field", "type must be a string")
+    schema = _SCHEMAS.get(event_type)
+    if schema is None:
+        raise InvalidEvent("unknown_type", f"unknown type {event_type[:64]!r}")
+    version = doc.get("schema_version")
+    if version is not None and not (_is_integer(version) and version == 1):
+        raise InvalidEvent("bad_schema_version", "schema_version must be 1")
+    ts_us = parse_ts(doc["ts"])
+    required, optional = schema
+    for name in required:
+        if doc.get(name) is None:
+            raise InvalidEvent("missing_field", f"{event_type} requires {name}")
+    for checks in (required, optional, _ENVELOPE_OPTIONAL):
+        for name, check in checks.items():
+            value = doc.get(name)
+            if value is not None and not check(value):
+                raise InvalidEvent("bad_field", f"{name} has the wrong type or is out of range")
+    return Event(doc["event_id"], event_type, doc["case_id"], ts_us, doc)
+
+
+def normalise_reason(reason: str) -> tuple[str, bool]:
+    """Escalation reason code, and whether it had to be normalised to `other`."""
+    if reason in ESCALATION_REASONS:
+        return reason, False
+    return "other", True
+
+
+def message_key(raw: bytes) -> bytes | None:
+    """The partitioning key a producer should use for a message: its `case_id`."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    case_id = doc.get("case_id") if isinstance(doc, dict) else None
+    return case_id.encode() if isinstance(case_id, str) else None

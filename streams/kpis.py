@@ -1,0 +1,358 @@
+"""KPI accounting: facts, their aggregation, and the figures of docs/kpis.md.
+
+A *fact* is one increment of one figure, with the case's dimensions as known when
+it was counted. Facts are kept in the case's state (so one table write carries an
+event's whole effect) and summed into an `Aggregate` per partition; the replay
+report and the Prometheus exposition are both read off aggregates, so they agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from .events import format_ts
+
+UNKNOWN = "unknown"
+
+# Figure names: one per kind of increment.
+CONCLUDED = "concluded"  # labels: (outcome,)
+ESCALATION = "escalation"  # (reason,)
+AHT = "aht"  # value: seconds
+POLICY_CHECK = "policy_check"  # (result,) passed | failed
+REOPENED = "reopened"
+FCR_FAILURE = "fcr_failure"
+CSAT = "csat"  # value: score
+CES = "ces"  # value: score
+THUMBS = "thumbs"  # (vote,)
+OVERRIDDEN = "overridden"
+COST = "cost"  # value: USD
+CASE_COST = "case_cost"  # (outcome,) value: USD
+RESPONSE_LATENCY = "response_latency"  # value: seconds
+FALLBACK = "fallback"
+EVALUATION = "evaluation"  # (name,) value: score
+ACTION = "action"  # (action, result) success | failure
+SUGGESTION = "suggestion"  # (adopted,) true | false
+KNOWLEDGE = "knowledge"  # (kind,)
+ANNOTATION = "annotation"  # (reason,)
+
+WINDOWED = frozenset({CONCLUDED, AHT, POLICY_CHECK})
+
+# Pipeline counters (no case dimensions).
+EVENT = "event"  # label: type
+DUPLICATE = "duplicate"
+INVALID = "invalid"  # label: reason
+LATE = "late"  # label: window size in seconds
+NORMALISED = "normalised"  # label: field name
+
+OUTCOMES = ("autonomous", "unverified", "human", "escalated")
+
+# Histogram bucket upper bounds (the +Inf bucket is implicit).
+HISTOGRAM_BUCKETS: dict[str, tuple[float, ...]] = {
+    AHT: (15, 30, 60, 120, 180, 300, 600, 900, 1800, 3600, 7200, 14400, 86400),
+    CSAT: (1, 2, 3, 4, 5),
+    CES: (1, 2, 3, 4, 5, 6, 7),
+    RESPONSE_LATENCY: (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
+    EVALUATION: (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1),
+}
+
+Dims = tuple[str, str, str]
+
+
+class Fact(NamedTuple):
+    """One increment: `value` is 1 for counts, the measured amount otherwise."""
+
+    name: str
+    labels: tuple[str, ...]
+    value: float
+    dims: Dims
+    ts_us: int | None = None  # event time of the trigger, for windowed figures
+    late: tuple[int, ...] = ()  # window sizes (s) whose window had closed
+
+    def to_json(self) -> list[Any]:
+        return [self.name, list(self.labels), self.value, list(self.dims), self.ts_us,
+                list(self.late)]
+
+    @classmethod
+    def from_json(cls, item: list[Any]) -> Fact:
+        name, labels, value, dims, ts_us, late = item
+        return cls(name, tuple(labels), value, tuple(dims), ts_us, tuple(late))
+
+
+def window_start(ts_us: int, size_s: int) -> int:
+    """Start (epoch seconds) of the UTC-aligned tumbling window holding `ts_us`."""
+    return (ts_us // 1_000_000) // size_s * size_s
+
+
+def bucket_index(bounds: tuple[float, ...], value: float) -> int:
+    for index, bound in enumerate(bounds):
+        if value <= bound:
+            return index
+    return len(bounds)
+
+
+@dataclass
+class Aggregate:
+    """Sums of facts: counters by figure, labels and dimensions; histograms; windows."""
+
+    window_sizes: tuple[int, ...] = (3600,)
+    series: dict[tuple[str, tuple[str, ...], Dims], list[float]] = field(default_factory=dict)
+    histograms: dict[tuple[str, tuple[str, ...], Dims], list[int]] = field(default_factory=dict)
+    windows: dict[tuple[int, int, str, tuple[str, ...]], list[float]] = field(
+        default_factory=dict
+    )
+    pipeline: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def add_fact(self, fact: Fact) -> None:
+        key = (fact.name, fact.labels, fact.dims)
+        cell = self.series.get(key)
+        if cell is None:
+            self.series[key] = [1, fact.value]
+        else:
+            cell[0] += 1
+            cell[1] += fact.value
+        bounds = HISTOGRAM_BUCKETS.get(fact.name)
+        if bounds is not None:
+            buckets = self.histograms.get(key)
+            if buckets is None:
+                buckets = self.histograms[key] = [0] * (len(bounds) + 1)
+            buckets[bucket_index(bounds, fact.value)] += 1
+        if fact.ts_us is not None:
+            for size in self.window_sizes:
+                if size in fact.late:
+                    continue
+                wkey = (size, window_start(fact.ts_us, size), fact.name, fact.labels)
+                wcell = self.windows.get(wkey)
+                if wcell is None:
+                    self.windows[wkey] = [1, fact.value]
+                else:
+                    wcell[0] += 1
+                    wcell[1] += fact.value
+
+    def add_facts(self, facts: Iterable[Fact]) -> None:
+        for fact in facts:
+            self.add_fact(fact)
+
+    def count(self, name: str, label: str = "", n: int = 1) -> None:
+        key = (name, label)
+        self.pipeline[key] = self.pipeline.get(key, 0) + n
+
+    def add_pipeline(self, counts: dict[str, int]) -> None:
+        for key, n in counts.items():
+            name, _, label = key.partition("/")
+            self.count(name, label, n)
+
+    def merge(self, other: Aggregate) -> None:
+        for key, (count, total) in other.series.items():
+            cell = self.series.setdefault(key, [0, 0.0])
+            cell[0] += count
+            cell[1] += total
+        for key, buckets in other.histograms.items():
+            mine = self.histograms.setdefault(key, [0] * len(buckets))
+            for index, n in enumerate(buckets):
+                mine[index] += n
+        for key, (count, total) in other.windows.items():
+            cell = self.windows.setdefault(key, [0, 0.0])
+            cell[0] += count
+            cell[1] += total
+        for key, n in other.pipeline.items():
+            self.pipeline[key] = self.pipeline.get(key, 0) + n
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "window_sizes": list(self.window_sizes),
+            "series": [[n, list(lb), list(d), c, s] for (n, lb, d), (c, s) in self.series.items()],
+            "histograms": [[n, list(lb), list(d), b] for (n, lb, d), b in self.histograms.items()],
+            "windows": [[z, st, n, list(lb), c, s] for (z, st, n, lb), (c, s) in self.windows.items()],
+            "pipeline": [[n, lb, c] for (n, lb), c in self.pipeline.items()],
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Aggregate:
+        agg = cls(window_sizes=tuple(doc.get("window_sizes", (3600,))))
+        for n, lb, d, c, s in doc.get("series", ()):
+            agg.series[(n, tuple(lb), tuple(d))] = [c, s]
+        for n, lb, d, b in doc.get("histograms", ()):
+            agg.histograms[(n, tuple(lb), tuple(d))] = list(b)
+        for z, st, n, lb, c, s in doc.get("windows", ()):
+            agg.windows[(z, st, n, tuple(lb))] = [c, s]
+        for n, lb, c in doc.get("pipeline", ()):
+            agg.pipeline[(n, lb)] = c
+        return agg
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def _mean(cell: list[float]) -> float | None:
+    return _ratio(cell[1], cell[0])
+
+
+class _Sums:
+    """Counts and sums of one group of series, by figure and labels."""
+
+    def __init__(self, items: Iterable[tuple[str, tuple[str, ...], list[float]]]) -> None:
+        self.cells: dict[tuple[str, tuple[str, ...]], list[float]] = {}
+        for name, labels, (count, total) in items:
+            cell = self.cells.setdefault((name, labels), [0, 0.0])
+            cell[0] += count
+            cell[1] += total
+
+    def cell(self, name: str, *labels: str) -> list[float]:
+        """Count and sum of `name`, over every labels tuple that starts with `labels`."""
+        out = [0, 0.0]
+        for (cname, clabels), (count, total) in self.cells.items():
+            if cname == name and clabels[: len(labels)] == labels:
+                out[0] += count
+                out[1] += total
+        return out
+
+    def n(self, name: str, *labels: str) -> int:
+        return int(self.cell(name, *labels)[0])
+
+    def total(self, name: str, *labels: str) -> float:
+        return self.cell(name, *labels)[1]
+
+    def by_label(self, name: str) -> Iterator[tuple[str, list[float]]]:
+        grouped: dict[str, list[float]] = {}
+        for (cname, labels), (count, total) in self.cells.items():
+            if cname == name:
+                cell = grouped.setdefault(labels[0], [0, 0.0])
+                cell[0] += count
+                cell[1] += total
+        return iter(sorted(grouped.items()))
+
+
+def figures(items: Iterable[tuple[str, tuple[str, ...], list[float]]]) -> dict[str, Any]:
+    """Every KPI of docs/kpis.md from (figure, labels, [count, sum]) items."""
+    s = _Sums(items)
+    concluded = s.n(CONCLUDED)
+    autonomous = s.n(CONCLUDED, "autonomous")
+    escalated = s.n(CONCLUDED, "escalated")
+    aht = s.cell(AHT)
+    checks, passed = s.n(POLICY_CHECK), s.n(POLICY_CHECK, "passed")
+    fcr_failures = s.n(FCR_FAILURE)
+    overridden = s.n(OVERRIDDEN)
+    cost_autonomous = s.total(CASE_COST, "autonomous")
+    reviewed, adopted = s.n(SUGGESTION), s.n(SUGGESTION, "true")
+    actions = s.n(ACTION)
+    return {
+        "cases_concluded": concluded,
+        **{outcome: s.n(CONCLUDED, outcome) for outcome in OUTCOMES},
+        "arr": _ratio(autonomous, concluded),
+        "escalation_rate": _ratio(escalated, concluded),
+        "escalations_by_reason": {r: int(c[0]) for r, c in s.by_label(ESCALATION)},
+        "aht_seconds_mean": _mean(aht),
+        "aht_count": int(aht[0]),
+        "policy_checks": checks,
+        "policy_checks_passed": passed,
+        "compliance_score": _ratio(passed, checks),
+        "reopened_24h": s.n(REOPENED),
+        "fcr_failures_24h": fcr_failures,
+        "fcr": _ratio(autonomous - fcr_failures, autonomous),
+        "csat_count": s.n(CSAT),
+        "csat_mean": _mean(s.cell(CSAT)),
+        "ces_count": s.n(CES),
+        "ces_mean": _mean(s.cell(CES)),
+        "thumbs_up": s.n(THUMBS, "up"),
+        "thumbs_down": s.n(THUMBS, "down"),
+        "overridden_cases": overridden,
+        "override_rate": _ratio(overridden, concluded),
+        "cost_usd_total": s.total(COST),
+        "cost_usd_autonomous": cost_autonomous,
+        "cost_per_autonomous_resolution": _ratio(cost_autonomous, autonomous),
+        "response_latency_seconds_mean": _mean(s.cell(RESPONSE_LATENCY)),
+        "fallback_responses": s.n(FALLBACK),
+        "evaluations_by_name": {
+            name: {"count": int(c[0]), "mean": _mean(c)} for name, c in s.by_label(EVALUATION)
+        },
+        "actions": actions,
+        "actions_failed": _failed(s),
+        "suggestions_reviewed": reviewed,
+        "suggestions_adopted": adopted,
+        "adoption_rate": _ratio(adopted, reviewed),
+        "knowledge_irrelevant": s.n(KNOWLEDGE, "irrelevant"),
+        "knowledge_missing": s.n(KNOWLEDGE, "missing"),
+        "annotation_routed": {r: int(c[0]) for r, c in s.by_label(ANNOTATION)},
+    }
+
+
+def _failed(s: _Sums) -> int:
+    return sum(
+        int(count)
+        for (name, labels), (count, _) in s.cells.items()
+        if name == ACTION and labels[1] == "failure"
+    )
+
+
+def window_items(agg: Aggregate, size: int) -> list[dict[str, Any]]:
+    """The report's window rows: windows with at least one conclusion or policy check."""
+    by_start: dict[int, list[tuple[str, tuple[str, ...], list[float]]]] = {}
+    for (wsize, start, name, labels), cell in agg.windows.items():
+        if wsize == size:
+            by_start.setdefault(start, []).append((name, labels, cell))
+    rows = []
+    for start in sorted(by_start):
+        s = _Sums(by_start[start])
+        concluded, checks = s.n(CONCLUDED), s.n(POLICY_CHECK)
+        if not concluded and not checks:
+            continue
+        autonomous, passed = s.n(CONCLUDED, "autonomous"), s.n(POLICY_CHECK, "passed")
+        rows.append(
+            {
+                "start": format_ts(start * 1_000_000),
+                "cases_concluded": concluded,
+                "autonomous": autonomous,
+                "escalated": s.n(CONCLUDED, "escalated"),
+                "arr": _ratio(autonomous, concluded),
+                "policy_checks": checks,
+                "policy_checks_passed": passed,
+                "compliance_score": _ratio(passed, checks),
+                "aht_seconds_mean": _mean(s.cell(AHT)),
+            }
+        )
+    return rows
+
+
+def _group(agg: Aggregate, dim: int) -> dict[str, dict[str, Any]]:
+    groups: dict[str, list[tuple[str, tuple[str, ...], list[float]]]] = {}
+    for (name, labels, dims), cell in agg.series.items():
+        groups.setdefault(dims[dim], []).append((name, labels, cell))
+    return {key: figures(items) for key, items in sorted(groups.items())}
+
+
+def build_report(agg: Aggregate, window_size: int = 3600) -> dict[str, Any]:
+    """The replay report of docs/kpis.md from the sum of every partition's aggregate."""
+    by_type = {lb: n for (name, lb), n in agg.pipeline.items() if name == EVENT and n}
+    invalid = {lb: n for (name, lb), n in agg.pipeline.items() if name == INVALID and n}
+    report = {
+        "events": {
+            "valid": sum(by_type.values()),
+            "invalid": sum(invalid.values()),
+            "duplicate": agg.pipeline.get((DUPLICATE, ""), 0),
+            "by_type": dict(sorted(by_type.items())),
+            "invalid_by_reason": dict(sorted(invalid.items())),
+        },
+        "totals": figures((n, lb, c) for (n, lb, _), c in agg.series.items()),
+        "by_intent": _group(agg, 0),
+        "by_agent_version": _group(agg, 2),
+        "windows": {"size_seconds": window_size, "items": window_items(agg, window_size)},
+    }
+    return _finite(report)
+
+
+def _finite(value: Any) -> Any:
+    """Ratios are never NaN or infinite in a report; guard the JSON anyway."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

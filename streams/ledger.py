@@ -1,0 +1,198 @@
+"""Per-partition accounting over the case table: exact across restarts and rebalances.
+
+Every effect of an event lives in exactly one table record (the case's state, or the
+partition's record for invalid messages and expired cases), written once per event.
+A record remembers the last offset it applied, so a redelivered event (at-least-once
+after a crash) is recognised and skipped: figures count each event once. The
+in-memory `Aggregate` of a partition is derived from those records: rebuilt from the
+table after recovery, then kept up to date as events are applied.
+
+No Faust here: the tables are plain mutable mappings, so this unit-tests without a broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from . import kpis
+from .cases import SECOND_US, CaseState, Step, WindowPolicy, apply_event, apply_link
+from .events import Event
+from .kpis import Aggregate
+
+SWEEP_EVERY_US = 3600 * SECOND_US
+
+
+@dataclass
+class PartitionRecord:
+    """State of a partition that belongs to no case: invalid messages and expired cases."""
+
+    offset: int = -1  # last applied offset of an invalid message
+    watermark_us: int | None = None
+    archive: dict[str, Any] = field(default_factory=dict)  # Aggregate of expired cases
+    folded: list[str] = field(default_factory=list)  # archived cases whose delete may be pending
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.__dict__)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | None) -> PartitionRecord:
+        return cls(**orjson.loads(raw)) if raw else cls()
+
+
+CaseTable = MutableMapping[str, bytes]
+PartitionTable = MutableMapping[int, bytes]
+
+
+class Ledger:
+    """Applies events to the tables and keeps each owned partition's aggregate."""
+
+    def __init__(self, windows: WindowPolicy, retention_us: int) -> None:
+        self.windows = windows
+        self.retention_us = retention_us
+        self.aggregates: dict[int, Aggregate] = {}
+        self.watermarks: dict[int, int] = {}
+        self.case_keys: dict[int, set[str]] = {}
+        self.last_sweep: dict[int, int] = {}
+
+    def _aggregate(self, partition: int) -> Aggregate:
+        agg = self.aggregates.get(partition)
+        if agg is None:
+            agg = self.aggregates[partition] = Aggregate(window_sizes=self.windows.sizes_s)
+        return agg
+
+    # --- applying ---------------------------------------------------------------------
+
+    def apply_event(self, cases: CaseTable, event: Event, partition: int, offset: int
+                    ) -> Step | None:
+        """Apply a valid event; None when it is a redelivery of an applied one."""
+        raw = cases.get(event.case_id)
+        state = CaseState.from_bytes(raw) if raw is not None else None
+        if state is not None and state.offset >= offset:
+            return None
+        step = apply_event(state, event, partition=partition, offset=offset,
+                           watermark_us=self.watermarks.get(partition), windows=self.windows)
+        cases[event.case_id] = step.state.to_bytes()
+        self._account(partition, event.case_id, step)
+        if step.state.watermark_us is not None:
+            self.watermarks[partition] = max(
+                self.watermarks.get(partition, step.state.watermark_us), step.state.watermark_us
+            )
+        return step
+
+    def apply_link(self, cases: CaseTable, case_id: str, partition: int, link_ts_us: int) -> Step:
+        """A re-engagement of `case_id`; applying one twice changes nothing more."""
+        raw = cases.get(case_id)
+        step = apply_link(CaseState.from_bytes(raw) if raw is not None else None,
+                          partition=partition, link_ts_us=link_ts_us)
+        cases[case_id] = step.state.to_bytes()
+        self._account(partition, case_id, step)
+        return step
+
+    def apply_invalid(self, records: PartitionTable, partition: int, offset: int, reason: str
+                      ) -> bool:
+        """Count an invalid message once; False when it is a redelivery."""
+        record = PartitionRecord.from_bytes(records.get(partition))
+        if record.offset >= offset:
+            return False
+        archive = Aggregate.from_json(record.archive) if record.archive else self._empty()
+        archive.count(kpis.INVALID, reason)
+        record.archive = archive.to_json()
+        record.offset = offset
+        records[partition] = record.to_bytes()
+        self._aggregate(partition).count(kpis.INVALID, reason)
+        return True
+
+    def _account(self, partition: int, case_id: str, step: Step) -> None:
+        agg = self._aggregate(partition)
+        agg.add_facts(step.facts)
+        agg.add_pipeline(step.pipeline)
+        self.case_keys.setdefault(partition, set()).add(case_id)
+
+    def _empty(self) -> Aggregate:
+        return Aggregate(window_sizes=self.windows.sizes_s)
+
+    # --- expiry -----------------------------------------------------------------------
+
+    def maybe_expire(self, cases: CaseTable, records: PartitionTable, partition: int) -> int:
+        """Fold cases idle for the retention into the partition record, hourly in event time."""
+        watermark = self.watermarks.get(partition)
+        if watermark is None:
+            return 0
+        last = self.last_sweep.setdefault(partition, watermark)
+        if watermark - last < SWEEP_EVERY_US:
+            return 0
+        self.last_sweep[partition] = watermark
+        return self.expire(cases, records, partition, watermark - self.retention_us)
+
+    def expire(self, cases: CaseTable, records: PartitionTable, partition: int,
+               before_us: int) -> int:
+        record = PartitionRecord.from_bytes(records.get(partition))
+        folded = set(record.folded)
+        archive = Aggregate.from_json(record.archive) if record.archive else self._empty()
+        keys = self.case_keys.get(partition, set())
+        expired = []
+        for case_id in keys:
+            if case_id in folded:
+                continue
+            raw = cases.get(case_id)
+            if raw is None:
+                continue
+            state = CaseState.from_bytes(raw)
+            if state.last_us is not None and state.last_us < before_us:
+                archive.add_facts(state.facts)
+                archive.add_pipeline(state.pipeline)
+                expired.append(case_id)
+        still_present = [case_id for case_id in record.folded if case_id in cases]
+        if not expired and not still_present:
+            return 0
+        # The record names every archived case that may still be in the table, so a crash
+        # between this write and the deletes below can never count a case twice.
+        record.archive = archive.to_json()
+        record.folded = still_present + expired
+        record.watermark_us = self.watermarks.get(partition)
+        records[partition] = record.to_bytes()
+        for case_id in record.folded:
+            del cases[case_id]
+            keys.discard(case_id)
+        return len(expired)
+
+    # --- recovery ---------------------------------------------------------------------
+
+    def rebuild(self, cases: Iterable[tuple[str, bytes]], records: Iterable[tuple[int, bytes]],
+                partitions: set[int]) -> None:
+        """Derive every owned partition's aggregate from table state (after recovery)."""
+        self.aggregates = {p: self._empty() for p in partitions}
+        self.case_keys = {p: set() for p in partitions}
+        self.watermarks = {}
+        self.last_sweep = {}
+        folded: set[str] = set()
+        for partition, raw in records:
+            if partition not in partitions:
+                continue
+            record = PartitionRecord.from_bytes(raw)
+            folded.update(record.folded)
+            if record.archive:
+                self.aggregates[partition].merge(Aggregate.from_json(record.archive))
+            self._raise_watermark(partition, record.watermark_us)
+        for case_id, raw in cases:
+            if case_id in folded:
+                continue
+            state = CaseState.from_bytes(raw)
+            if state.partition not in partitions:
+                continue
+            agg = self.aggregates[state.partition]
+            agg.add_facts(state.facts)
+            agg.add_pipeline(state.pipeline)
+            self.case_keys[state.partition].add(case_id)
+            self._raise_watermark(state.partition, state.watermark_us)
+
+    def _raise_watermark(self, partition: int, value: int | None) -> None:
+        if value is not None:
+            self.watermarks[partition] = max(self.watermarks.get(partition, value), value)
+
+    def snapshot(self) -> dict[int, dict[str, Any]]:
+        return {p: agg.to_json() for p, agg in sorted(self.aggregates.items())}

@@ -1,0 +1,343 @@
+"""`acsr-metrics replay`: a JSON Lines file through the real pipeline, then the report.
+
+The file's lines go to the events topic keyed by `case_id`; N worker processes in one
+consumer group process them; once the group has committed every offset of the events
+and links topics, each worker's per-partition aggregates are fetched and summed. The
+report is read off the workers' tables: the CLI computes no figure of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from .broker import ONE_RECORD_BATCH_BYTES, EmbeddedBroker, ensure_topics, free_port
+from .config import Settings
+from .events import message_key
+from .kpis import Aggregate, build_report
+
+
+class ReplayError(RuntimeError):
+    """The replay could not finish; the message says why and what to look at."""
+
+
+def read_lines(path: Path) -> list[bytes]:
+    """Non-blank lines of a JSON Lines file, as message values."""
+    try:
+        with path.open("rb") as handle:
+            return [line.rstrip(b"\r\n") for line in handle if line.strip()]
+    except OSError as err:
+        raise ReplayError(f"cannot read {path}: {err.strerror}") from None
+
+
+@dataclass
+class WorkerProcess:
+    """One `acsr-metrics worker` subprocess with its own web port and log file."""
+
+    index: int
+    settings: Settings
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.web_port}"
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env.update(settings_env(self.settings))
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        log.close()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            assert self.process is not None
+            self.process.send_signal(signum)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.process is None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that hands `settings` to a worker subprocess."""
+    out = {}
+    for name, value in settings.__dict__.items():
+        if isinstance(value, tuple):
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, bool):
+            value = "1" if value else "0"
+        out["ACSR_" + name.upper()] = str(value)
+    return out
+
+
+@dataclass
+class Cluster:
+    """The workers of one consumer group, started together."""
+
+    settings: Settings
+    count: int
+    log_dir: Path
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def start(self) -> None:
+        for index in range(self.count):
+            self.add_worker(index)
+
+    def add_worker(self, index: int) -> WorkerProcess:
+        worker = WorkerProcess(
+            index,
+            self.settings.with_overrides(web_port=free_port()),
+            self.log_dir / f"worker-{index}.log",
+        )
+        worker.start()
+        self.workers.append(worker)
+        return worker
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.signal(signal.SIGTERM)
+        for worker in self.workers:
+            worker.stop()
+
+    def check_alive(self) -> None:
+        for worker in self.workers:
+            if worker.process is not None and worker.process.poll() not in (None, 0, -9, -15):
+                raise ReplayError(
+                    f"worker {worker.index} exited with {worker.process.returncode}; "
+                    f"its log ({worker.log_path}) ends with:\n{worker.log_tail()}"
+                )
+
+    def running(self) -> list[WorkerProcess]:
+        return [worker for worker in self.workers if worker.alive()]
+
+
+async def produce(bootstrap: str, topic: str, lines: list[bytes], embedded: bool,
+                  on_sent: Callable[[int], None] | None = None) -> dict[int, int]:
+    """Send each line keyed by its `case_id`; return the end offset of every partition."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=not embedded,
+        max_batch_size=ONE_RECORD_BATCH_BYTES if embedded else 16384, linger_ms=5,
+    )
+    await producer.start()
+    ends: dict[int, int] = {}
+    try:
+        pending = []
+        for line in lines:
+            pending.append(await producer.send(topic, line, key=message_key(line)))
+            if len(pending) >= 1000:
+                _record_ends(ends, await asyncio.gather(*pending))
+                if on_sent:
+                    on_sent(len(pending))
+                pending = []
+        _record_ends(ends, await asyncio.gather(*pending))
+        if on_sent:
+            on_sent(len(pending))
+    finally:
+        await producer.stop()
+    return ends
+
+
+def _record_ends(ends: dict[int, int], metadata: list[Any]) -> None:
+    for meta in metadata:
+        ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
+
+
+@contextlib.asynccontextmanager
+async def group_offsets(bootstrap: str, group: str) -> AsyncIterator[AIOKafkaConsumer]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
+async def committed(consumer: AIOKafkaConsumer, topic: str, partitions: int) -> dict[int, int]:
+    out = {}
+    for partition in range(partitions):
+        offset = await consumer.committed(TopicPartition(topic, partition))
+        out[partition] = offset if offset is not None else 0
+    return out
+
+
+async def end_offsets(consumer: AIOKafkaConsumer, topic: str, partitions: int) -> dict[int, int]:
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    return {tp.partition: offset for tp, offset in (await consumer.end_offsets(tps)).items()}
+
+
+async def wait_processed(cluster: Cluster, bootstrap: str, ends: dict[int, int],
+                         on_progress: Callable[[int], None], stall_timeout_s: float) -> None:
+    """Return once the group has committed every event and every link it produced."""
+    settings = cluster.settings
+    total = sum(ends.values())
+    last_done, last_change = -1, time.monotonic()
+    async with group_offsets(bootstrap, settings.app_id) as consumer:
+        while True:
+            cluster.check_alive()
+            done_events = await committed(consumer, settings.events_topic, settings.partitions)
+            done = sum(min(done_events[p], end) for p, end in ends.items())
+            on_progress(done)
+            if done >= total:
+                link_ends = await end_offsets(consumer, settings.links_topic, settings.partitions)
+                links_done = await committed(consumer, settings.links_topic, settings.partitions)
+                if all(links_done[p] >= end for p, end in link_ends.items()):
+                    return
+            if done != last_done:
+                last_done, last_change = done, time.monotonic()
+            elif time.monotonic() - last_change > stall_timeout_s:
+                logs = "\n".join(f"--- worker {w.index} ({w.log_path}):\n{w.log_tail()}"
+                                 for w in cluster.workers)
+                raise ReplayError(
+                    f"no progress for {stall_timeout_s:.0f}s at {done}/{total} events; "
+                    f"worker logs:\n{logs}"
+                )
+            await asyncio.sleep(0.5)
+
+
+async def gather_aggregates(cluster: Cluster, partitions: int, timeout_s: float = 60.0
+                            ) -> Aggregate:
+    """Sum the workers' partition aggregates, once every partition is owned exactly once."""
+    import aiohttp
+
+    deadline = time.monotonic() + timeout_s
+    problem = "no worker answered"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        while time.monotonic() < deadline:
+            snapshots = []
+            try:
+                for worker in cluster.running():
+                    async with session.get(f"{worker.url}/kpis/") as response:
+                        snapshots.append(await response.json())
+            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+                problem = f"a worker did not answer: {err}"
+                await asyncio.sleep(0.5)
+                continue
+            owned = [p for snap in snapshots if not snap["recovering"] for p in snap["owned"]]
+            if sorted(owned) == list(range(partitions)):
+                total = Aggregate(window_sizes=cluster.settings.window_sizes_s)
+                for snap in snapshots:
+                    for key, doc in snap["partitions"].items():
+                        if int(key) in snap["owned"]:
+                            total.merge(Aggregate.from_json(doc))
+                return total
+            problem = f"partitions owned {sorted(owned)}, expected each of 0..{partitions - 1} once"
+            await asyncio.sleep(0.5)
+    raise ReplayError(f"could not gather the workers' tables: {problem}")
+
+
+@dataclass
+class ReplayResult:
+    report: dict[str, Any]
+    lines: int
+    seconds: float
+    timings: dict[str, float]
+
+
+async def run_replay(
+    path: Path,
+    settings: Settings,
+    workers: int = 1,
+    progress: Callable[[str, int, int], None] | None = None,
+    stall_timeout_s: float = 120.0,
+    log_dir: Path | None = None,
+) -> ReplayResult:
+    """Replay `path` through `workers` worker processes; `settings.broker` or embedded."""
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    lines = read_lines(path)
+    report_progress = progress or (lambda stage, done, total: None)
+    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="acsr-replay-"))
+    run = uuid.uuid4().hex[:8]
+    broker: EmbeddedBroker | None = None
+    if settings.embedded:
+        broker = EmbeddedBroker().start()
+        settings = settings.with_overrides(broker=broker.bootstrap)
+    else:
+        # A shared cluster: topics and group of this run only.
+        prefix = f"acsr.replay-{run}"
+        settings = settings.with_overrides(
+            app_id=f"acsr-replay-{run}", events_topic=f"{prefix}.events",
+            dlq_topic=f"{prefix}.events.dlq", links_topic=f"{prefix}.case-links",
+            annotation_topic=f"{prefix}.annotation.queue",
+        )
+    timings["broker_start_s"] = time.monotonic() - started
+    cluster = Cluster(settings, workers, log_dir)
+    try:
+        await ensure_topics(settings.bootstrap_servers, {
+            settings.events_topic: settings.partitions,
+            settings.links_topic: settings.partitions,
+            settings.dlq_topic: settings.partitions,
+        }, settings.replication_factor)
+        cluster.start()
+        sent = 0
+
+        def on_sent(n: int) -> None:
+            nonlocal sent
+            sent += n
+            report_progress("produce", sent, len(lines))
+
+        t0 = time.monotonic()
+        ends = await produce(settings.bootstrap_servers, settings.events_topic, lines,
+                             settings.embedded, on_sent)
+        timings["produce_s"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        await wait_processed(cluster, settings.bootstrap_servers, ends,
+                             lambda done: report_progress("process", done, len(lines)),
+                             stall_timeout_s)
+        timings["process_s"] = time.monotonic() - t0
+        aggregate = await gather_aggregates(cluster, settings.partitions)
+        report = build_report(aggregate, settings.report_window_s)
+    except KafkaError as err:
+        raise ReplayError(f"broker error: {err}") from None
+    finally:
+        cluster.stop()
+        if broker is not None:
+            broker.stop()
+    return ReplayResult(report, len(lines), time.monotonic() - started, timings)
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
