@@ -7,31 +7,37 @@ a short loop that hands the event to the ledger (pure accounting) and does the I
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import faust
 import orjson
+from faust.types import TP
 from faust.web import Request, Response, View
+from prometheus_client import generate_latest
 
 from . import __version__
 from .broker import ONE_RECORD_BATCH_BYTES
 from .cases import SECOND_US, WindowPolicy, related_case
 from .config import Settings
 from .events import InvalidEvent, parse_event
+from .exporter import LabelBounds, WorkerView, build_registry
 from .ledger import Ledger
 
 log = logging.getLogger("acsr_metrics")
 
 REASON_HEADER = "acsr-invalid-reason"
 DETAIL_HEADER = "acsr-invalid-detail"
+# Prometheus text format 0.0.4 (aiohttp adds the charset itself).
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
 
 
 def build_app(settings: Settings) -> faust.App:
     data_dir = Path(settings.data_dir) / f"{settings.app_id}-{settings.web_port}"
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    embedded_tuning: dict[str, Any] = (
-        {"producer_max_batch_size": ONE_RECORD_BATCH_BYTES} if settings.embedded else {}
+    tansu_workarounds: dict[str, Any] = (
+        {"producer_max_batch_size": ONE_RECORD_BATCH_BYTES} if settings.tansu else {}
     )
     app = faust.App(
         settings.app_id,
@@ -50,7 +56,7 @@ def build_app(settings: Settings) -> faust.App:
         web_host=settings.web_host,
         web_port=settings.web_port,
         version=1,
-        **embedded_tuning,
+        **tansu_workarounds,
     )
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     events_topic = app.topic(settings.events_topic, partitions=settings.partitions, **raw)
@@ -72,7 +78,8 @@ def build_app(settings: Settings) -> faust.App:
     app.ledger = ledger  # type: ignore[attr-defined]
 
     async def dead_letter(message: Any, invalid: InvalidEvent) -> None:
-        headers = list(message.headers or ()) + [
+        headers = [
+            *(message.headers or ()),
             (REASON_HEADER, invalid.reason.encode()),
             (DETAIL_HEADER, invalid.detail.encode()[:512]),
         ]
@@ -83,7 +90,7 @@ def build_app(settings: Settings) -> faust.App:
         except Exception as err:  # the dead-letter topic refused it: count, log, go on
             log.warning("dead-letter write failed (reason=%s, partition=%s, offset=%s): %s",
                         invalid.reason, message.partition, message.offset, err)
-            ledger._aggregate(message.partition).count("dead_letter_failed", invalid.reason)
+            ledger.aggregate(message.partition).count("dead_letter_failed", invalid.reason)
 
     @app.agent(events_topic)
     async def process_events(stream: faust.StreamT) -> None:
@@ -103,6 +110,7 @@ def build_app(settings: Settings) -> faust.App:
                 link = orjson.dumps({"case_id": related, "ts_us": parsed.ts_us})
                 await (await links_topic.send(key=related.encode(), value=link, force=True))
             ledger.apply_event(cases, parsed, message.partition, message.offset)
+            event_time_lag.observe(max(0.0, time.time() - parsed.ts_us / 1e6))
             ledger.maybe_expire(cases, partition_records, message.partition)
 
     @app.agent(links_topic)
@@ -115,9 +123,36 @@ def build_app(settings: Settings) -> faust.App:
         return {tp.partition for tp in app.assignor.assigned_actives()
                 if tp.topic == settings.events_topic}
 
+    def recovering() -> bool:
+        return not app.tables.recovery.completed.is_set()
+
+    def consumer_lag() -> dict[int, int]:
+        lag = {}
+        for partition in owned_partitions():
+            highwater = app.consumer.highwater(TP(settings.events_topic, partition))
+            if highwater is not None and highwater >= 0:
+                lag[partition] = max(0, highwater - ledger.positions.get(partition, 0))
+        return lag
+
+    def owned_aggregates() -> dict[int, Any]:
+        owned = owned_partitions()
+        return {p: agg for p, agg in ledger.aggregates.items() if p in owned}
+
+    registry, event_time_lag = build_registry(
+        WorkerView(owned_aggregates, consumer_lag, recovering, __version__, settings.app_id),
+        LabelBounds(limit=settings.label_limit, allowed=settings.label_allow_lists()),
+    )
+
     @cases.on_recover
     async def rebuild_aggregates() -> None:
         ledger.rebuild(cases.items(), partition_records.items(), owned_partitions())
+
+    @app.page("/metrics")
+    class MetricsView(View):
+        """Prometheus exposition of this worker's partitions."""
+
+        async def get(self, request: Request) -> Response:
+            return self.bytes(generate_latest(registry), content_type=METRICS_CONTENT_TYPE)
 
     @app.page("/kpis/")
     class KpisView(View):
@@ -128,8 +163,7 @@ def build_app(settings: Settings) -> faust.App:
                 "version": __version__,
                 "partitions": {str(p): agg for p, agg in ledger.snapshot().items()},
                 "owned": sorted(owned_partitions()),
-                "recovering": not app.tables.recovery.completed.is_set()
-                if app.tables else False,
+                "recovering": recovering(),
             })
 
     return app

@@ -12,6 +12,7 @@ Real Kafka has neither quirk and remains the reference.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -70,7 +71,9 @@ class EmbeddedBroker:
         self.port = port or free_port()
         self.startup_timeout_s = startup_timeout_s
         self.process: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the broker
+            prefix="tansu-", suffix=".log", delete=False
+        )
 
     @property
     def bootstrap(self) -> str:
@@ -145,9 +148,7 @@ async def ensure_topics(bootstrap: str, topics: dict[str, int], replication_fact
             if name not in existing
         ]
         if wanted:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # created meanwhile: fine
                 await admin.create_topics(wanted)
-            except TopicAlreadyExistsError:
-                pass
     finally:
         await admin.close()

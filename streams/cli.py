@@ -11,8 +11,6 @@ from . import __version__
 from .broker import BrokerUnavailable, ensure_topics
 from .config import ConfigError, Settings, from_env
 
-EMBEDDED = "embedded"
-
 
 def _settings_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", help="Kafka bootstrap servers, host:port[,host:port] "
@@ -59,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--report", type=Path, required=True, help="where to write the report")
     _settings_args(replay)
     replay.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    replay.add_argument("--metrics-out", type=Path,
+                        help="also write the final Prometheus exposition of all workers, summed")
     replay.add_argument("--stall-timeout", type=float, default=120.0,
                         help="fail when no event is processed for this many seconds")
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -104,8 +104,12 @@ def run_replay_command(args: argparse.Namespace, settings: Settings) -> int:
             bar.update(tasks[stage], completed=done)
 
         result = asyncio.run(run_replay(args.file, settings, workers=args.workers,
-                                        progress=progress, stall_timeout_s=args.stall_timeout))
+                                        start_broker=not args.broker, progress=progress,
+                                        stall_timeout_s=args.stall_timeout))
     write_report(result.report, args.report)
+    if args.metrics_out:
+        args.metrics_out.parent.mkdir(parents=True, exist_ok=True)
+        args.metrics_out.write_text(result.metrics)
     events = result.report["events"]
     print(
         f"replayed {result.lines} lines in {result.seconds:.1f}s "
@@ -124,11 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             settings = _settings(args, base)
             if args.tansu:
-                settings = settings.with_overrides(embedded=True)
+                settings = settings.with_overrides(tansu=True)
             return run_worker(settings)
         if args.command == "replay":
-            replay_base = base if args.broker else base.with_overrides(
-                embedded=True, partitions=args.partitions or 4)
+            replay_base = base.with_overrides(partitions=args.partitions or 4)
             return run_replay_command(args, _settings(args, replay_base))
     except ConfigError as err:
         print(f"acsr-metrics: configuration error: {err}", file=sys.stderr)

@@ -35,10 +35,15 @@ class Settings:
     window_sizes_s: tuple[int, ...] = (3600,)
     window_grace_s: int = 600
     report_window_s: int = 3600
-    embedded: bool = False
+    tansu: bool = False  # apply the embedded (Tansu) broker workarounds
     session_timeout_s: float = 10.0
     commit_interval_s: float = 1.0
     log_level: str = "warn"
+    label_limit: int = 50  # distinct values per bounded label before the rest become "other"
+    intent_allow: str = ""  # comma-separated allow-lists (empty: first label_limit values)
+    channel_allow: str = ""
+    agent_version_allow: str = ""
+    action_allow: str = ""
     data_dir: str = field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "acsr-metrics"))
 
     @property
@@ -63,7 +68,7 @@ class Settings:
                 raise ConfigError(
                     f"{name} {value!r} must be 1-249 characters of letters, digits, '.', '_', '-'"
                 )
-        _positive(self, "partitions", "replication_factor", "case_retention_s",
+        _positive(self, "partitions", "label_limit", "replication_factor", "case_retention_s",
                   "session_timeout_s", "commit_interval_s", "report_window_s")
         if not 0 < self.web_port < 65536:
             raise ConfigError(f"web_port {self.web_port} must be 1-65535")
@@ -79,6 +84,12 @@ class Settings:
         if self.log_level not in ("crit", "error", "warn", "info", "debug"):
             raise ConfigError("log_level must be one of crit, error, warn, info, debug")
         return self
+
+    def label_allow_lists(self) -> dict[str, frozenset[str]]:
+        lists = {"intent": self.intent_allow, "channel": self.channel_allow,
+                 "agent_version": self.agent_version_allow, "action": self.action_allow}
+        return {label: frozenset(v.strip() for v in raw.split(",") if v.strip())
+                for label, raw in lists.items() if raw.strip()}
 
     def with_overrides(self, **overrides: Any) -> Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()

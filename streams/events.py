@@ -176,7 +176,8 @@ EVENT_TYPES = tuple(_SCHEMAS)
 _ENVELOPE_OPTIONAL = {name: _string(max_len, 1) for name, max_len in _DIMENSION_MAX_LEN.items()}
 
 _RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))"
 )
 
 

@@ -165,7 +165,9 @@ class Aggregate:
             "window_sizes": list(self.window_sizes),
             "series": [[n, list(lb), list(d), c, s] for (n, lb, d), (c, s) in self.series.items()],
             "histograms": [[n, list(lb), list(d), b] for (n, lb, d), b in self.histograms.items()],
-            "windows": [[z, st, n, list(lb), c, s] for (z, st, n, lb), (c, s) in self.windows.items()],
+            "windows": [
+                [z, st, n, list(lb), c, s] for (z, st, n, lb), (c, s) in self.windows.items()
+            ],
             "pipeline": [[n, lb, c] for (n, lb), c in self.pipeline.items()],
         }
 

@@ -57,6 +57,10 @@ class Ledger:
         self.watermarks: dict[int, int] = {}
         self.case_keys: dict[int, set[str]] = {}
         self.last_sweep: dict[int, int] = {}
+        self.positions: dict[int, int] = {}  # next offset to process, per events partition
+
+    def aggregate(self, partition: int) -> Aggregate:
+        return self._aggregate(partition)
 
     def _aggregate(self, partition: int) -> Aggregate:
         agg = self.aggregates.get(partition)
@@ -69,6 +73,7 @@ class Ledger:
     def apply_event(self, cases: CaseTable, event: Event, partition: int, offset: int
                     ) -> Step | None:
         """Apply a valid event; None when it is a redelivery of an applied one."""
+        self.positions[partition] = offset + 1
         raw = cases.get(event.case_id)
         state = CaseState.from_bytes(raw) if raw is not None else None
         if state is not None and state.offset >= offset:
@@ -95,6 +100,7 @@ class Ledger:
     def apply_invalid(self, records: PartitionTable, partition: int, offset: int, reason: str
                       ) -> bool:
         """Count an invalid message once; False when it is a redelivery."""
+        self.positions[partition] = offset + 1
         record = PartitionRecord.from_bytes(records.get(partition))
         if record.offset >= offset:
             return False
@@ -169,6 +175,7 @@ class Ledger:
         self.case_keys = {p: set() for p in partitions}
         self.watermarks = {}
         self.last_sweep = {}
+        self.positions = {p: v for p, v in self.positions.items() if p in partitions}
         folded: set[str] = set()
         for partition, raw in records:
             if partition not in partitions:

@@ -30,6 +30,7 @@ from aiokafka.errors import KafkaError
 from .broker import ONE_RECORD_BATCH_BYTES, EmbeddedBroker, ensure_topics, free_port
 from .config import Settings
 from .events import message_key
+from .exporter import merge_expositions
 from .kpis import Aggregate, build_report
 
 
@@ -148,12 +149,12 @@ class Cluster:
         return [worker for worker in self.workers if worker.alive()]
 
 
-async def produce(bootstrap: str, topic: str, lines: list[bytes], embedded: bool,
+async def produce(bootstrap: str, topic: str, lines: list[bytes], tansu: bool,
                   on_sent: Callable[[int], None] | None = None) -> dict[int, int]:
     """Send each line keyed by its `case_id`; return the end offset of every partition."""
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", enable_idempotence=not embedded,
-        max_batch_size=ONE_RECORD_BATCH_BYTES if embedded else 16384, linger_ms=5,
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=not tansu,
+        max_batch_size=ONE_RECORD_BATCH_BYTES if tansu else 16384, linger_ms=5,
     )
     await producer.start()
     ends: dict[int, int] = {}
@@ -232,6 +233,18 @@ async def wait_processed(cluster: Cluster, bootstrap: str, ends: dict[int, int],
             await asyncio.sleep(0.5)
 
 
+async def gather_metrics(cluster: Cluster) -> str:
+    """Every worker's /metrics, summed into one exposition."""
+    import aiohttp
+
+    texts = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        for worker in cluster.running():
+            async with session.get(f"{worker.url}/metrics") as response:
+                texts.append(await response.text())
+    return merge_expositions(texts)
+
+
 async def gather_aggregates(cluster: Cluster, partitions: int, timeout_s: float = 60.0
                             ) -> Aggregate:
     """Sum the workers' partition aggregates, once every partition is owned exactly once."""
@@ -246,7 +259,7 @@ async def gather_aggregates(cluster: Cluster, partitions: int, timeout_s: float 
                 for worker in cluster.running():
                     async with session.get(f"{worker.url}/kpis/") as response:
                         snapshots.append(await response.json())
-            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            except (TimeoutError, aiohttp.ClientError) as err:
                 problem = f"a worker did not answer: {err}"
                 await asyncio.sleep(0.5)
                 continue
@@ -269,17 +282,21 @@ class ReplayResult:
     lines: int
     seconds: float
     timings: dict[str, float]
+    settings: Settings
+    metrics: str = ""
 
 
 async def run_replay(
     path: Path,
     settings: Settings,
     workers: int = 1,
+    start_broker: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
     stall_timeout_s: float = 120.0,
     log_dir: Path | None = None,
 ) -> ReplayResult:
-    """Replay `path` through `workers` worker processes; `settings.broker` or embedded."""
+    """Replay `path` through `workers` worker processes, on an embedded broker or
+    `settings.broker`, in topics and a consumer group of this run only."""
     started = time.monotonic()
     timings: dict[str, float] = {}
     lines = read_lines(path)
@@ -287,11 +304,10 @@ async def run_replay(
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="acsr-replay-"))
     run = uuid.uuid4().hex[:8]
     broker: EmbeddedBroker | None = None
-    if settings.embedded:
+    if start_broker:
         broker = EmbeddedBroker().start()
-        settings = settings.with_overrides(broker=broker.bootstrap)
+        settings = settings.with_overrides(broker=broker.bootstrap, tansu=True)
     else:
-        # A shared cluster: topics and group of this run only.
         prefix = f"acsr.replay-{run}"
         settings = settings.with_overrides(
             app_id=f"acsr-replay-{run}", events_topic=f"{prefix}.events",
@@ -316,7 +332,7 @@ async def run_replay(
 
         t0 = time.monotonic()
         ends = await produce(settings.bootstrap_servers, settings.events_topic, lines,
-                             settings.embedded, on_sent)
+                             settings.tansu, on_sent)
         timings["produce_s"] = time.monotonic() - t0
         t0 = time.monotonic()
         await wait_processed(cluster, settings.bootstrap_servers, ends,
@@ -325,13 +341,15 @@ async def run_replay(
         timings["process_s"] = time.monotonic() - t0
         aggregate = await gather_aggregates(cluster, settings.partitions)
         report = build_report(aggregate, settings.report_window_s)
+        metrics = await gather_metrics(cluster)
     except KafkaError as err:
         raise ReplayError(f"broker error: {err}") from None
     finally:
         cluster.stop()
         if broker is not None:
             broker.stop()
-    return ReplayResult(report, len(lines), time.monotonic() - started, timings)
+    return ReplayResult(report, len(lines), time.monotonic() - started, timings, settings,
+                        metrics)
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
