@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--stall-timeout", type=float, default=120.0,
                         help="fail when no event is processed for this many seconds")
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    demo = commands.add_parser(
+        "demo", help="embedded broker, one worker, live traffic and a terminal view")
+    demo.add_argument("--rate", type=float, default=50.0, help="events per second (default 50)")
+    demo.add_argument("--duration", type=float, help="stop after this many seconds")
+    demo.add_argument("--web-port", type=int, help="port of /metrics (default 6066)")
+    demo.add_argument("--refresh", type=float, default=3.0, help="seconds between view updates")
     return parser
 
 
@@ -120,6 +127,20 @@ def run_replay_command(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def run_demo_command(args: argparse.Namespace, base: Settings) -> int:
+    import tempfile
+
+    from .demo import run_demo
+
+    if args.rate <= 0:
+        raise ConfigError("--rate must be > 0 events per second")
+    settings = base.with_overrides(web_port=args.web_port, partitions=4)
+    log_dir = Path(tempfile.mkdtemp(prefix="acsr-demo-"))
+    print(f"worker log: {log_dir / 'worker-0.log'}", file=sys.stderr)
+    asyncio.run(run_demo(settings, args.rate, args.duration, args.refresh, log_dir))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -130,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.tansu:
                 settings = settings.with_overrides(tansu=True)
             return run_worker(settings)
+        if args.command == "demo":
+            return run_demo_command(args, base)
         if args.command == "replay":
             replay_base = base.with_overrides(partitions=args.partitions or 4)
             return run_replay_command(args, _settings(args, replay_base))

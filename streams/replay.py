@@ -121,10 +121,10 @@ class Cluster:
         for index in range(self.count):
             self.add_worker(index)
 
-    def add_worker(self, index: int) -> WorkerProcess:
+    def add_worker(self, index: int, web_port: int | None = None) -> WorkerProcess:
         worker = WorkerProcess(
             index,
-            self.settings.with_overrides(web_port=free_port()),
+            self.settings.with_overrides(web_port=web_port or free_port()),
             self.log_dir / f"worker-{index}.log",
         )
         worker.start()
