@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 DAY_S = 86_400
+# Tansu holds a group join for half the session timeout: keep starts short.
+EMBEDDED_SESSION_TIMEOUT_S = 6.0
 
 
 class ConfigError(ValueError):
@@ -90,6 +92,11 @@ class Settings:
                  "agent_version": self.agent_version_allow, "action": self.action_allow}
         return {label: frozenset(v.strip() for v in raw.split(",") if v.strip())
                 for label, raw in lists.items() if raw.strip()}
+
+    def for_embedded(self, bootstrap: str) -> Settings:
+        """These settings on the embedded broker, with its workarounds (docs/architecture.md)."""
+        return self.with_overrides(broker=bootstrap, tansu=True,
+                                   session_timeout_s=EMBEDDED_SESSION_TIMEOUT_S)
 
     def with_overrides(self, **overrides: Any) -> Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()

@@ -131,7 +131,7 @@ async def fetch_report(session: aiohttp.ClientSession, url: str, settings: Setti
 async def run_demo(settings: Settings, rate: float, duration_s: float | None,
                    refresh_s: float, log_dir: Path) -> None:
     with EmbeddedBroker() as broker:
-        settings = settings.with_overrides(broker=broker.bootstrap, tansu=True)
+        settings = settings.for_embedded(broker.bootstrap)
         await ensure_topics(settings.bootstrap_servers, {
             settings.events_topic: settings.partitions,
             settings.links_topic: settings.partitions,

@@ -8,6 +8,7 @@ escapes it, whatever the bytes (a property test holds it to that).
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -77,7 +78,9 @@ class Event:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(value, float):
+        return math.isfinite(value)  # 1e400 decodes as infinity: not a usable number
+    return _is_integer(value) and abs(value) <= _MAX_NUMBER
 
 
 def _is_integer(value: Any) -> bool:
@@ -177,7 +180,8 @@ _ENVELOPE_OPTIONAL = {name: _string(max_len, 1) for name, max_len in _DIMENSION_
 
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"
-    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,
 )
 
 
@@ -217,6 +221,9 @@ def parse_ts(value: Any) -> int:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_NUMBER = 10**300  # beyond this an integer has no float value to sum
+_LONG_INTEGER = re.compile(rb"[0-9]{20}")  # may exceed 64 bits, which orjson turns to float
+_MAX_INTEGER_DIGITS = 4000  # Python refuses to convert longer digit strings
 
 
 def format_ts(ts_us: int) -> str:
@@ -232,17 +239,28 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _parse_int(digits: str) -> int | float:
+    if len(digits.lstrip("-")) > _MAX_INTEGER_DIGITS:
+        return math.inf  # too long to be any usable value: fails every number check
+    return int(digits)
+
+
 def _decode(raw: bytes) -> Any:
+    if not _LONG_INTEGER.search(raw):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    # The standard library decides what orjson refuses or would round: integers beyond
+    # 64 bits, numbers beyond a double (1e400); NaN and Infinity are still refused.
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        pass
-    # orjson refuses a few documents that are valid JSON (e.g. 1e400); the standard
-    # library decides those, with NaN and Infinity still refused.
-    try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
+                         parse_int=_parse_int)
+        # A lone surrogate escape ("\ud800") is JSON syntax but no Unicode text.
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, ValueError, RecursionError) as err:
         raise InvalidEvent("not_json", f"not UTF-8 JSON ({type(err).__name__})") from None
+    return doc
 
 
 def parse_event(raw: bytes | bytearray | memoryview | None) -> Event:

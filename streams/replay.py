@@ -118,10 +118,12 @@ class Cluster:
     workers: list[WorkerProcess] = field(default_factory=list)
 
     def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         for index in range(self.count):
             self.add_worker(index)
 
     def add_worker(self, index: int, web_port: int | None = None) -> WorkerProcess:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         worker = WorkerProcess(
             index,
             self.settings.with_overrides(web_port=web_port or free_port()),
@@ -306,7 +308,7 @@ async def run_replay(
     broker: EmbeddedBroker | None = None
     if start_broker:
         broker = EmbeddedBroker().start()
-        settings = settings.with_overrides(broker=broker.bootstrap, tansu=True)
+        settings = settings.for_embedded(broker.bootstrap)
     else:
         prefix = f"acsr.replay-{run}"
         settings = settings.with_overrides(

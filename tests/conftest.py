@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from streams.broker import BrokerUnavailable, EmbeddedBroker
+from streams.config import Settings
 
 DATA = Path(__file__).parent / "data"
 SHARED_SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec"
@@ -28,6 +29,13 @@ class BrokerInfo:
     @property
     def embedded(self) -> bool:
         return self.kind == "embedded"
+
+    def settings(self, **overrides: object) -> Settings:
+        """Settings for this broker, with the embedded broker's workarounds when it is one."""
+        base = Settings().with_overrides(**overrides)
+        if self.embedded:
+            return base.for_embedded(self.bootstrap)
+        return base.with_overrides(broker=self.bootstrap)
 
 
 def _docker_answers() -> bool:

@@ -9,7 +9,6 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from streams.app import REASON_HEADER
-from streams.config import Settings
 from streams.replay import run_replay
 
 from .conftest import BrokerInfo
@@ -34,7 +33,7 @@ async def test_invalid_messages_go_to_the_dead_letter_topic(kafka: BrokerInfo, t
     lines = [orjson.dumps(VALID), *INVALID]
     source = tmp_path / "mixed.jsonl"
     source.write_bytes(b"\n".join(lines) + b"\n")
-    settings = Settings(broker=kafka.bootstrap, tansu=kafka.embedded, partitions=2)
+    settings = kafka.settings(partitions=2)
 
     result = await run_replay(source, settings, start_broker=False, log_dir=tmp_path)
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from streams.config import Settings
 from streams.replay import run_replay
 
 from .conftest import BrokerInfo, report_mismatches
@@ -21,7 +20,7 @@ pytestmark = pytest.mark.integration
 async def test_replay_reproduces_the_worked_example(
     kafka: BrokerInfo, sample_events: Path, expected_report: Path, workers: int, tmp_path: Path
 ) -> None:
-    settings = Settings(broker=kafka.bootstrap, tansu=kafka.embedded, partitions=4)
+    settings = kafka.settings(partitions=4)
     result = await run_replay(sample_events, settings, workers=workers, start_broker=False,
                               log_dir=tmp_path)
     expected = json.loads(expected_report.read_text())
