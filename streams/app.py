@@ -17,18 +17,20 @@ from faust.types import TP
 from faust.web import Request, Response, View
 from prometheus_client import generate_latest
 
-from . import __version__
+from . import __version__, kpis
 from .broker import ONE_RECORD_BATCH_BYTES
 from .cases import SECOND_US, WindowPolicy, related_case
 from .config import Settings
 from .events import InvalidEvent, parse_event
 from .exporter import LabelBounds, WorkerView, build_registry
+from .faust_fixes import complete_flushes, seek_uncommitted_to_beginning
 from .ledger import Ledger
 
 log = logging.getLogger("acsr_metrics")
 
 REASON_HEADER = "acsr-invalid-reason"
 DETAIL_HEADER = "acsr-invalid-detail"
+PROCESSING_ERROR = "processing_error"
 # Prometheus text format 0.0.4 (aiohttp adds the charset itself).
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
 
@@ -58,19 +60,19 @@ def build_app(settings: Settings) -> faust.App:
         version=1,
         **tansu_workarounds,
     )
+    complete_flushes(app.producer)  # offsets are committed only after every table write
+    seek_uncommitted_to_beginning(app.consumer)  # no record skipped after a rebalance
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     events_topic = app.topic(settings.events_topic, partitions=settings.partitions, **raw)
     links_topic = app.topic(settings.links_topic, partitions=settings.partitions,
                             internal=True, **raw)
     dlq_topic = app.topic(settings.dlq_topic, **raw)
 
-    # Values are our own JSON bytes: the store never aliases a state we go on mutating.
-    cases = app.Table("cases", partitions=settings.partitions, schema=faust.Schema(
-        key_type=str, value_type=bytes, key_serializer="json", value_serializer="raw"))
-    partition_records = app.Table("partitions", partitions=settings.partitions,
-                                  schema=faust.Schema(key_type=int, value_type=bytes,
-                                                      key_serializer="json",
-                                                      value_serializer="raw"))
+    # Values are our own JSON bytes (value_type=bytes: raw changelog values), so the store
+    # never aliases a state we go on mutating; keys are JSON (str and int survive recovery).
+    cases = app.Table("cases", partitions=settings.partitions, key_type=str, value_type=bytes)
+    partition_records = app.Table("partitions", partitions=settings.partitions, key_type=int,
+                                  value_type=bytes)
     ledger = Ledger(
         WindowPolicy(sizes_s=settings.window_sizes_s, grace_s=settings.window_grace_s),
         retention_us=settings.case_retention_s * SECOND_US,
@@ -92,32 +94,51 @@ def build_app(settings: Settings) -> faust.App:
                         invalid.reason, message.partition, message.offset, err)
             ledger.aggregate(message.partition).count("dead_letter_failed", invalid.reason)
 
+    async def process(message: Any) -> None:
+        try:
+            parsed = parse_event(message.value)
+        except InvalidEvent as invalid:
+            await dead_letter(message, invalid)
+            ledger.apply_invalid(partition_records, message.partition, message.offset,
+                                 invalid.reason)
+            return
+        related = related_case(parsed)
+        if related is not None:
+            # Acknowledged before the case is written, so a crash cannot lose it;
+            # applying a link twice changes nothing.
+            link = orjson.dumps({"case_id": related, "ts_us": parsed.ts_us})
+            await (await links_topic.send(key=related.encode(), value=link, force=True))
+        ledger.apply_event(cases, parsed, message.partition, message.offset)
+        event_time_lag.observe(max(0.0, time.time() - parsed.ts_us / 1e6))
+        ledger.maybe_expire(cases, partition_records, message.partition)
+
     @app.agent(events_topic)
     async def process_events(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            message = event.message
             try:
-                parsed = parse_event(message.value)
-            except InvalidEvent as invalid:
-                await dead_letter(message, invalid)
-                ledger.apply_invalid(partition_records, message.partition, message.offset,
-                                     invalid.reason)
-                continue
-            related = related_case(parsed)
-            if related is not None:
-                # Acknowledged before the case is written, so a crash cannot lose it;
-                # applying a link twice changes nothing.
-                link = orjson.dumps({"case_id": related, "ts_us": parsed.ts_us})
-                await (await links_topic.send(key=related.encode(), value=link, force=True))
-            ledger.apply_event(cases, parsed, message.partition, message.offset)
-            event_time_lag.observe(max(0.0, time.time() - parsed.ts_us / 1e6))
-            ledger.maybe_expire(cases, partition_records, message.partition)
+                await process(event.message)
+            except Exception as err:
+                # A bug must not stop the partition nor lose the message: it goes to the
+                # dead-letter topic with reason processing_error, counted and logged.
+                log.exception("processing failed (partition=%s, offset=%s)",
+                              event.message.partition, event.message.offset)
+                failure = InvalidEvent(PROCESSING_ERROR, f"{type(err).__name__}: {err}")
+                await dead_letter(event.message, failure)
+                ledger.apply_invalid(partition_records, event.message.partition,
+                                     event.message.offset, PROCESSING_ERROR,
+                                     counter=kpis.PROCESSING_ERROR)
 
     @app.agent(links_topic)
     async def apply_links(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            link = orjson.loads(event.message.value)
-            ledger.apply_link(cases, link["case_id"], event.message.partition, link["ts_us"])
+            try:
+                link = orjson.loads(event.message.value)
+                ledger.apply_link(cases, link["case_id"], event.message.partition,
+                                  link["ts_us"])
+            except Exception:  # only our own messages come here: a bug, never input
+                log.exception("link failed (partition=%s, offset=%s)",
+                              event.message.partition, event.message.offset)
+                ledger.aggregate(event.message.partition).count(kpis.PROCESSING_ERROR, "link")
 
     def owned_partitions() -> set[int]:
         return {tp.partition for tp in app.assignor.assigned_actives()
@@ -142,6 +163,11 @@ def build_app(settings: Settings) -> faust.App:
         WorkerView(owned_aggregates, consumer_lag, recovering, __version__, settings.app_id),
         LabelBounds(limit=settings.label_limit, allowed=settings.label_allow_lists()),
     )
+
+    @app.on_partitions_revoked.connect
+    async def forget_revoked(sender: Any, revoked: set[TP], **_: Any) -> None:
+        # Stop exposing a partition at once: its new owner exposes it from its tables.
+        ledger.drop({tp.partition for tp in revoked if tp.topic == settings.events_topic})
 
     @cases.on_recover
     async def rebuild_aggregates() -> None:

@@ -237,11 +237,11 @@ def _conclude(step: Step, event: Event, outcome: str, late: tuple[int, ...]) -> 
 
 
 def _on_escalated(step: Step, event: Event, late: tuple[int, ...], _: bool) -> None:
-    if step.state.outcome is not None:
-        return
     reason, normalised = normalise_reason(event.get("reason"))
     if normalised:
         step.count(kpis.NORMALISED, "reason")
+    if step.state.outcome is not None:
+        return
     _conclude(step, event, "escalated", late)
     step.fact(kpis.ESCALATION, reason)
     step.route("escalated", event.fields)

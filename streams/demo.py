@@ -22,11 +22,11 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
-from .broker import ONE_RECORD_BATCH_BYTES, EmbeddedBroker, ensure_topics
+from .broker import ONE_RECORD_BATCH_BYTES, EmbeddedBroker
 from .config import Settings
 from .events import message_key
 from .kpis import Aggregate, build_report
-from .replay import Cluster
+from .replay import Cluster, create_topics
 
 COMPLIANCE_OBJECTIVE = 0.999
 
@@ -132,11 +132,7 @@ async def run_demo(settings: Settings, rate: float, duration_s: float | None,
                    refresh_s: float, log_dir: Path) -> None:
     with EmbeddedBroker() as broker:
         settings = settings.for_embedded(broker.bootstrap)
-        await ensure_topics(settings.bootstrap_servers, {
-            settings.events_topic: settings.partitions,
-            settings.links_topic: settings.partitions,
-            settings.dlq_topic: settings.partitions,
-        })
+        await create_topics(settings)
         cluster = Cluster(settings, 1, log_dir)
         worker = cluster.add_worker(0, web_port=settings.web_port)
         metrics_url = f"http://{settings.web_host}:{settings.web_port}/metrics"

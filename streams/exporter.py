@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -25,6 +25,8 @@ from prometheus_client.registry import Collector
 from . import kpis
 from .events import EVENT_TYPES, INVALID_REASONS
 from .kpis import HISTOGRAM_BUCKETS, OUTCOMES, Aggregate
+
+disable_created_metrics()  # *_created samples say nothing here and double the exposition
 
 DIMENSION_LABELS = ("intent", "channel", "agent_version")
 OTHER = "other"
@@ -98,6 +100,8 @@ _PIPELINE: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
      kpis.NORMALISED, "field", ("reason",)),
     ("acsr_dead_letter_failed", "Invalid messages the dead-letter topic refused.",
      "dead_letter_failed", "reason", ()),
+    ("acsr_processing_errors", "Valid messages that failed processing (dead-lettered).",
+     kpis.PROCESSING_ERROR, "reason", ()),
 )
 
 _ZERO_LABELS = {

@@ -46,6 +46,7 @@ DUPLICATE = "duplicate"
 INVALID = "invalid"  # label: reason
 LATE = "late"  # label: window size in seconds
 NORMALISED = "normalised"  # label: field name
+PROCESSING_ERROR = "processing_error"  # label: the error's reason (messages dead-lettered)
 
 OUTCOMES = ("autonomous", "unverified", "human", "escalated")
 

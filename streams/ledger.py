@@ -97,19 +97,19 @@ class Ledger:
         self._account(partition, case_id, step)
         return step
 
-    def apply_invalid(self, records: PartitionTable, partition: int, offset: int, reason: str
-                      ) -> bool:
-        """Count an invalid message once; False when it is a redelivery."""
+    def apply_invalid(self, records: PartitionTable, partition: int, offset: int, reason: str,
+                      counter: str = kpis.INVALID) -> bool:
+        """Count an invalid (or unprocessable) message once; False when it is a redelivery."""
         self.positions[partition] = offset + 1
         record = PartitionRecord.from_bytes(records.get(partition))
         if record.offset >= offset:
             return False
         archive = Aggregate.from_json(record.archive) if record.archive else self._empty()
-        archive.count(kpis.INVALID, reason)
+        archive.count(counter, reason)
         record.archive = archive.to_json()
         record.offset = offset
         records[partition] = record.to_bytes()
-        self._aggregate(partition).count(kpis.INVALID, reason)
+        self._aggregate(partition).count(counter, reason)
         return True
 
     def _account(self, partition: int, case_id: str, step: Step) -> None:
@@ -196,6 +196,13 @@ class Ledger:
             agg.add_pipeline(state.pipeline)
             self.case_keys[state.partition].add(case_id)
             self._raise_watermark(state.partition, state.watermark_us)
+
+    def drop(self, partitions: set[int]) -> None:
+        """Forget partitions this worker no longer owns (their new owner rebuilds them)."""
+        for table in (self.aggregates, self.watermarks, self.case_keys, self.last_sweep,
+                      self.positions):
+            for partition in partitions:
+                table.pop(partition, None)
 
     def _raise_watermark(self, partition: int, value: int | None) -> None:
         if value is not None:

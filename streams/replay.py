@@ -278,6 +278,24 @@ async def gather_aggregates(cluster: Cluster, partitions: int, timeout_s: float 
     raise ReplayError(f"could not gather the workers' tables: {problem}")
 
 
+def isolated(settings: Settings, run: str) -> Settings:
+    """Topics and a consumer group of one run only, so a shared cluster's data never mixes."""
+    prefix = f"acsr.replay-{run}"
+    return settings.with_overrides(
+        app_id=f"acsr-replay-{run}", events_topic=f"{prefix}.events",
+        dlq_topic=f"{prefix}.events.dlq", links_topic=f"{prefix}.case-links",
+        annotation_topic=f"{prefix}.annotation.queue",
+    )
+
+
+async def create_topics(settings: Settings) -> None:
+    await ensure_topics(settings.bootstrap_servers, {
+        settings.events_topic: settings.partitions,
+        settings.links_topic: settings.partitions,
+        settings.dlq_topic: settings.partitions,
+    }, settings.replication_factor)
+
+
 @dataclass
 class ReplayResult:
     report: dict[str, Any]
@@ -310,20 +328,11 @@ async def run_replay(
         broker = EmbeddedBroker().start()
         settings = settings.for_embedded(broker.bootstrap)
     else:
-        prefix = f"acsr.replay-{run}"
-        settings = settings.with_overrides(
-            app_id=f"acsr-replay-{run}", events_topic=f"{prefix}.events",
-            dlq_topic=f"{prefix}.events.dlq", links_topic=f"{prefix}.case-links",
-            annotation_topic=f"{prefix}.annotation.queue",
-        )
+        settings = isolated(settings, run)
     timings["broker_start_s"] = time.monotonic() - started
     cluster = Cluster(settings, workers, log_dir)
     try:
-        await ensure_topics(settings.bootstrap_servers, {
-            settings.events_topic: settings.partitions,
-            settings.links_topic: settings.partitions,
-            settings.dlq_topic: settings.partitions,
-        }, settings.replication_factor)
+        await create_topics(settings)
         cluster.start()
         sent = 0
 

@@ -564,7 +564,7 @@ def test_both_ts_forms_give_the_same_instant(value: str | int) -> None:
 def test_ts_us_matches_datetime() -> None:
     """An independent check of the constant the other tests rely on."""
     expected = datetime(2026, 11, 22, 13, 5, 9, 120000, tzinfo=UTC)
-    assert TS_US == (expected - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    assert (expected - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1) == TS_US
 
 
 @pytest.mark.parametrize(
@@ -680,36 +680,67 @@ def test_message_key() -> None:
     assert message_key(orjson.dumps(doc(case_id=5))) is None
 
 
-# --- known defects (strict xfail: they flip to failures once fixed) -----------------------
+# --- numbers and text at the edges of the JSON decoders ---------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: integers above 2**64-1 are decoded by orjson as floats, so a JSON integer "
-    "such as tokens_in 18446744073709551616 is rejected as bad_field",
-)
 def test_integer_beyond_64_bits_is_still_an_integer() -> None:
+    """A JSON integer past 2**64 is an integer, not a rounded float (orjson would round it)."""
     raw = orjson.dumps(doc("response_sent"))[:-1] + b',"tokens_in":18446744073709551616}'
     assert parse_event(raw).get("tokens_in") == 2**64
+    big_score = orjson.dumps(without(doc("csat_submitted"), "score"))[:-1]
+    assert reason(big_score + b',"score":18446744073709551617}') == "bad_field"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a valid event with an ignored extra field holding an integer of more than "
-    "4300 digits is reported as not_json (Python's int-conversion limit in the fallback)",
-)
 def test_huge_integer_in_unknown_field_is_ignored() -> None:
+    """An extra field is ignored whatever its value, even a 5000-digit integer."""
     raw = orjson.dumps(doc())[:-1] + b',"x":1' + b"0" * 5000 + b"}"
     assert parse_event(raw).type == "case_reopened"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the RFC 3339 regex uses \\d, which matches non-ASCII Unicode digits, so "
-    "'\u0662\u0660\u0662\u0666-11-22T13:00:00Z' (Arabic-Indic digits) is accepted as 2026",
+def test_twenty_digit_strings_parse_the_same() -> None:
+    """Long digit runs inside strings must not change how a message is decoded."""
+    event = parse(doc(event_id="1" * 20, case_id="2" * 40))
+    assert (event.event_id, event.case_id) == ("1" * 20, "2" * 40)
+
+
+@pytest.mark.parametrize("field", ["cost_usd", "latency_ms"])
+def test_number_beyond_a_double_is_bad_field(field: str) -> None:
+    """1e400 is no usable amount (it would decode to infinity and poison every sum)."""
+    raw = orjson.dumps(doc("action_executed"))[:-1] + f',"{field}":1e400}}'.encode()
+    assert reason(raw) == "bad_field"
+
+
+def test_number_beyond_a_double_in_unknown_field_is_ignored() -> None:
+    raw = orjson.dumps(doc())[:-1] + b',"x":1e400}'
+    assert parse_event(raw).type == "case_reopened"
+
+
+@pytest.mark.parametrize("name", ["event_id", "case_id", "intent", "x"])
+def test_lone_surrogate_escape_is_not_json(name: str) -> None:
+    """A lone surrogate escape is JSON syntax but no Unicode text: never part of an Event."""
+    raw = orjson.dumps(without(doc(), name))[:-1] + f',"{name}":"a\\ud800"}}'.encode()
+    assert b"\\ud800" in raw
+    assert reason(raw) == "not_json"
+
+
+def test_surrogate_pair_escape_is_one_code_point() -> None:
+    """An escaped pair is one character, so it counts once towards the 128 limit."""
+    pairs = b"\\ud83d\\ude00" * 128
+    raw = orjson.dumps(without(doc(), "event_id"))[:-1] + b',"event_id":"' + pairs + b'"}'
+    assert parse_event(raw).event_id == "\U0001f600" * 128
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "\u0662\u0660\u0662\u0666-11-22T13:00:00Z",  # Arabic-Indic digits
+        "\uff12\uff10\uff12\uff16-11-22T13:00:00Z",  # fullwidth digits
+        "2026-11-22T13:05:09.\u0661\u0662Z",
+    ],
 )
-def test_ts_with_non_ascii_digits_is_bad_ts() -> None:
-    assert reason(doc(ts="\u0662\u0660\u0662\u0666-11-22T13:00:00Z")) == "bad_ts"
+def test_ts_with_non_ascii_digits_is_bad_ts(value: str) -> None:
+    """RFC 3339 digits are ASCII only."""
+    assert reason(doc(ts=value)) == "bad_ts"
 
 
 # --- properties ---------------------------------------------------------------------------
@@ -866,8 +897,9 @@ def valid_events(draw: st.DrawFn) -> tuple[dict[str, Any], int]:
     ts, expected = draw(timestamps())
     out: dict[str, Any] = {"event_id": draw(ids), "type": event_type, "case_id": draw(ids),
                            "ts": ts}
-    out.update(draw(_optional(intent=names, channel=st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=32),
-                              agent_version=names, schema_version=st.just(1))))
+    channels = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=32)
+    out.update(draw(_optional(intent=names, channel=channels, agent_version=names,
+                              schema_version=st.just(1))))
     out.update(draw(TYPE_FIELDS[event_type]))
     return out, expected
 

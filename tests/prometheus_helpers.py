@@ -1,0 +1,88 @@
+"""A real Prometheus server (Debian's package) for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from streams.broker import free_port
+
+
+def prometheus_binary() -> str:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus is not installed "
+                    "(Debian package `prometheus`; .ci/run installs it)")
+    return binary
+
+
+@contextmanager
+def running_prometheus(targets: list[str], workdir: Path, rule_files: list[Path] | None = None
+                       ) -> Iterator[str]:
+    """Prometheus scraping `targets` every second; yields its base URL."""
+    binary = prometheus_binary()
+    config = workdir / "prometheus.yml"
+    rules = "".join(f"\n  - {path}" for path in rule_files or [])
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        + (f"rule_files:{rules}\n" if rules else "")
+        + "scrape_configs:\n  - job_name: acsr\n    static_configs:\n"
+        + f"      - targets: {targets!r}\n"
+    )
+    port = free_port()
+    log = (workdir / "prometheus.log").open("wb")
+    process = subprocess.Popen(
+        [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert process.poll() is None, (workdir / "prometheus.log").read_text()[-2000:]
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def query(url: str, promql: str) -> list[dict]:
+    params = urllib.parse.urlencode({"query": promql})
+    return get_json(f"{url}/api/v1/query?{params}")["data"]["result"]
+
+
+def wait_for_value(url: str, promql: str, expected: float, timeout_s: float = 60) -> float:
+    """Poll an instant query until it returns `expected`; return the last value seen."""
+    deadline = time.monotonic() + timeout_s
+    value = float("nan")
+    while time.monotonic() < deadline:
+        result = query(url, promql)
+        if result:
+            value = float(result[0]["value"][1])
+            if value == expected:
+                return value
+        time.sleep(0.5)
+    return value
