@@ -35,6 +35,16 @@ def _partition(case_id: str, partitions: int) -> int:
     return zlib.crc32(case_id.encode()) % partitions
 
 
+def _fed(sample: Path) -> tuple[Ledger, dict, dict]:
+    """A ledger, its case table and partition table after the whole worked example."""
+    lines = [line for line in sample.read_bytes().splitlines() if line.strip()]
+    ledger = _ledger()
+    cases: dict = {}
+    records: dict = {}
+    _feed(ledger, cases, records, lines, partitions=1)
+    return ledger, cases, records
+
+
 def _ledger() -> Ledger:
     return Ledger(WindowPolicy(sizes_s=(3600,)), retention_us=7 * DAY_US)
 
@@ -62,11 +72,7 @@ def test_redelivered_events_are_not_counted_twice(sample_events: Path) -> None:
 
 def test_rebuild_from_tables_equals_the_live_aggregates(sample_events: Path,
                                                         expected_report: Path) -> None:
-    lines = [line for line in sample_events.read_bytes().splitlines() if line.strip()]
-    live = _ledger()
-    cases: dict = {}
-    records: dict = {}
-    _feed(live, cases, records, lines, partitions=1)
+    live, cases, records = _fed(sample_events)
     recovered = _ledger()
     recovered.rebuild(cases.items(), records.items(), {0})
     assert report_mismatches(_report(live), _report(recovered)) == []
@@ -74,11 +80,7 @@ def test_rebuild_from_tables_equals_the_live_aggregates(sample_events: Path,
 
 
 def test_expired_cases_leave_the_table_but_not_the_figures(sample_events: Path) -> None:
-    lines = [line for line in sample_events.read_bytes().splitlines() if line.strip()]
-    ledger = _ledger()
-    cases: dict = {}
-    records: dict = {}
-    _feed(ledger, cases, records, lines, partitions=1)
+    ledger, cases, records = _fed(sample_events)
     before = _report(ledger)
     newest = max(ledger.watermarks.values())
     folded = ledger.expire(cases, records, 0, before_us=newest + 1)
@@ -92,11 +94,7 @@ def test_expired_cases_leave_the_table_but_not_the_figures(sample_events: Path) 
 
 def test_a_crash_between_archive_and_delete_counts_each_case_once(sample_events: Path) -> None:
     """The partition record names the archived cases, so leftovers are not counted again."""
-    lines = [line for line in sample_events.read_bytes().splitlines() if line.strip()]
-    ledger = _ledger()
-    cases: dict = {}
-    records: dict = {}
-    _feed(ledger, cases, records, lines, partitions=1)
+    ledger, cases, records = _fed(sample_events)
     before = _report(ledger)
     snapshot = dict(cases)
     ledger.expire(cases, records, 0, before_us=max(ledger.watermarks.values()) + 1)
