@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast test-faults lint demo bench clean
+.PHONY: install test test-fast test-faults lint demo bench dashboards clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check . || true
+
+dashboards: $(STAMP)
+	$(BIN)/python dashboards/build.py
 
 demo: $(STAMP)
 	$(BIN)/acsr-metrics demo

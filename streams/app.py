@@ -94,7 +94,14 @@ def build_app(settings: Settings) -> faust.App:
                         invalid.reason, message.partition, message.offset, err)
             ledger.aggregate(message.partition).count("dead_letter_failed", invalid.reason)
 
+    def ensure_built(partition: int) -> None:
+        # After a rebalance a partition's aggregate, watermark and key index are derived
+        # from its recovered tables before any event of it is applied.
+        if partition not in ledger.aggregates:
+            ledger.build(cases.items(), partition_records.items(), {partition})
+
     async def process(message: Any) -> None:
+        ensure_built(message.partition)
         try:
             parsed = parse_event(message.value)
         except InvalidEvent as invalid:
@@ -131,6 +138,7 @@ def build_app(settings: Settings) -> faust.App:
     @app.agent(links_topic)
     async def apply_links(stream: faust.StreamT) -> None:
         async for event in stream.events():
+            ensure_built(event.message.partition)
             try:
                 link = orjson.loads(event.message.value)
                 ledger.apply_link(cases, link["case_id"], event.message.partition,
@@ -156,7 +164,10 @@ def build_app(settings: Settings) -> faust.App:
         return lag
 
     def owned_aggregates() -> dict[int, Any]:
+        """Aggregates of the partitions owned and derived from recovered tables."""
         owned = owned_partitions()
+        if not recovering():
+            ledger.build(cases.items(), partition_records.items(), ledger.unbuilt(owned))
         return {p: agg for p, agg in ledger.aggregates.items() if p in owned}
 
     registry, event_time_lag = build_registry(
@@ -185,11 +196,13 @@ def build_app(settings: Settings) -> faust.App:
         """The worker's per-partition aggregates: `replay` sums them into the report."""
 
         async def get(self, request: Request) -> Response:
+            aggregates = owned_aggregates()
+            owned = owned_partitions()
             return self.json({
                 "version": __version__,
-                "partitions": {str(p): agg for p, agg in ledger.snapshot().items()},
-                "owned": sorted(owned_partitions()),
-                "recovering": recovering(),
+                "partitions": {str(p): agg.to_json() for p, agg in sorted(aggregates.items())},
+                "owned": sorted(owned),
+                "recovering": recovering() or set(aggregates) != owned,
             })
 
     return app

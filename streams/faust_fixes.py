@@ -24,7 +24,7 @@ aiokafka's `seek_to_committed()` seeks only partitions whose committed offset is
 so a partition with no committed offset (or 0) stays past the dropped records, and
 they are never processed (measured: a new owner of a never-committed partition
 started at its end). `seek_uncommitted_to_beginning(consumer)` seeks those partitions
-to their beginning, as `auto_offset_reset="earliest"` promises.
+to their earliest offset, as `auto_offset_reset="earliest"` promises.
 """
 
 from __future__ import annotations
@@ -67,14 +67,16 @@ def seek_uncommitted_to_beginning(consumer: Any) -> None:
     if getattr(consumer, "_seeks_uncommitted", False):
         return
     seek_to_committed = consumer.seek_to_committed
-    # The consumer delegates to its driver thread, which has seek_to_beginning.
-    driver = getattr(consumer, "_thread", consumer)
 
     async def seek_all_to_committed() -> Any:
         offsets = await seek_to_committed()
         uncommitted = [tp for tp, offset in offsets.items() if not offset or offset < 0]
         if uncommitted:
-            await driver.seek_to_beginning(*uncommitted)
+            # An explicit seek, not seek_to_beginning(): that one leaves the position
+            # unset until a reset completes, and Faust's livelock detector asserts on it.
+            earliest = await consumer.earliest_offsets(*uncommitted)
+            for tp in uncommitted:
+                await consumer.seek(tp, earliest.get(tp) or 0)
         return offsets
 
     consumer.seek_to_committed = seek_all_to_committed

@@ -170,12 +170,24 @@ class Ledger:
 
     def rebuild(self, cases: Iterable[tuple[str, bytes]], records: Iterable[tuple[int, bytes]],
                 partitions: set[int]) -> None:
-        """Derive every owned partition's aggregate from table state (after recovery)."""
-        self.aggregates = {p: self._empty() for p in partitions}
-        self.case_keys = {p: set() for p in partitions}
-        self.watermarks = {}
-        self.last_sweep = {}
-        self.positions = {p: v for p, v in self.positions.items() if p in partitions}
+        """Derive the owned partitions' state from the tables, forgetting all others."""
+        self.drop((set(self.aggregates) | set(self.positions)) - partitions)
+        self.build(cases, records, partitions)
+
+    def unbuilt(self, partitions: set[int]) -> set[int]:
+        """Owned partitions whose state is not derived from the tables yet."""
+        return partitions - self.aggregates.keys()
+
+    def build(self, cases: Iterable[tuple[str, bytes]], records: Iterable[tuple[int, bytes]],
+              partitions: set[int]) -> None:
+        """Derive these partitions' state from the tables (recovered); others stay as they are."""
+        if not partitions:
+            return
+        for partition in partitions:
+            self.aggregates[partition] = self._empty()
+            self.case_keys[partition] = set()
+            self.watermarks.pop(partition, None)
+            self.last_sweep.pop(partition, None)
         folded: set[str] = set()
         for partition, raw in records:
             if partition not in partitions:
@@ -207,6 +219,3 @@ class Ledger:
     def _raise_watermark(self, partition: int, value: int | None) -> None:
         if value is not None:
             self.watermarks[partition] = max(self.watermarks.get(partition, value), value)
-
-    def snapshot(self) -> dict[int, dict[str, Any]]:
-        return {p: agg.to_json() for p, agg in sorted(self.aggregates.items())}
