@@ -77,7 +77,6 @@ def build_app(settings: Settings) -> faust.App:
         WindowPolicy(sizes_s=settings.window_sizes_s, grace_s=settings.window_grace_s),
         retention_us=settings.case_retention_s * SECOND_US,
     )
-    app.ledger = ledger  # type: ignore[attr-defined]
 
     async def dead_letter(message: Any, invalid: InvalidEvent) -> None:
         headers = [
@@ -92,16 +91,17 @@ def build_app(settings: Settings) -> faust.App:
         except Exception as err:  # the dead-letter topic refused it: count, log, go on
             log.warning("dead-letter write failed (reason=%s, partition=%s, offset=%s): %s",
                         invalid.reason, message.partition, message.offset, err)
-            ledger.aggregate(message.partition).count("dead_letter_failed", invalid.reason)
+            ledger.aggregate(message.partition).count(kpis.DEAD_LETTER_FAILED, invalid.reason)
 
-    def ensure_built(partition: int) -> None:
+    def ensure_built(partitions: set[int]) -> None:
         # After a rebalance a partition's aggregate, watermark and key index are derived
-        # from its recovered tables before any event of it is applied.
-        if partition not in ledger.aggregates:
-            ledger.build(cases.items(), partition_records.items(), {partition})
+        # from its recovered tables before any event of it is applied or exposed.
+        unbuilt = ledger.unbuilt(partitions)
+        if unbuilt:
+            ledger.build(cases.items(), partition_records.items(), unbuilt)
 
     async def process(message: Any) -> None:
-        ensure_built(message.partition)
+        ensure_built({message.partition})
         try:
             parsed = parse_event(message.value)
         except InvalidEvent as invalid:
@@ -138,7 +138,7 @@ def build_app(settings: Settings) -> faust.App:
     @app.agent(links_topic)
     async def apply_links(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            ensure_built(event.message.partition)
+            ensure_built({event.message.partition})
             try:
                 link = orjson.loads(event.message.value)
                 ledger.apply_link(cases, link["case_id"], event.message.partition,
@@ -167,7 +167,7 @@ def build_app(settings: Settings) -> faust.App:
         """Aggregates of the partitions owned and derived from recovered tables."""
         owned = owned_partitions()
         if not recovering():
-            ledger.build(cases.items(), partition_records.items(), ledger.unbuilt(owned))
+            ensure_built(owned)
         return {p: agg for p, agg in ledger.aggregates.items() if p in owned}
 
     registry, event_time_lag = build_registry(

@@ -10,6 +10,7 @@ from pathlib import Path
 from . import __version__
 from .broker import BrokerUnavailable, ensure_topics
 from .config import ConfigError, Settings, from_env
+from .replay import ReplayError
 
 
 def _settings_args(parser: argparse.ArgumentParser) -> None:
@@ -162,15 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokerUnavailable as err:
         print(f"acsr-metrics: broker unavailable: {err}", file=sys.stderr)
         return 3
+    except ReplayError as err:  # the workers could not finish (replay, demo)
+        print(f"acsr-metrics: {args.command} failed: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
-    except Exception as err:
-        from .replay import ReplayError
-
-        if isinstance(err, ReplayError):
-            print(f"acsr-metrics: replay failed: {err}", file=sys.stderr)
-            return 1
-        raise
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -98,6 +98,18 @@ class Settings:
         return self.with_overrides(broker=bootstrap, tansu=True,
                                    session_timeout_s=EMBEDDED_SESSION_TIMEOUT_S)
 
+    def to_env(self) -> dict[str, str]:
+        """The `ACSR_*` variables that `from_env` reads back as these settings."""
+        out = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, tuple):
+                value = ",".join(str(v) for v in value)
+            elif isinstance(value, bool):
+                value = "1" if value else "0"
+            out[env_name(item.name)] = str(value)
+        return out
+
     def with_overrides(self, **overrides: Any) -> Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()
 

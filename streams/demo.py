@@ -24,7 +24,6 @@ from rich.table import Table
 
 from .broker import ONE_RECORD_BATCH_BYTES, EmbeddedBroker
 from .config import Settings
-from .events import message_key
 from .kpis import Aggregate, build_report
 from .replay import Cluster, create_topics
 
@@ -36,8 +35,9 @@ def sample_lines() -> list[bytes]:
     return [line for line in data.read_bytes().splitlines() if line.strip()]
 
 
-def live_traffic(lines: list[bytes]) -> Iterator[bytes]:
-    """The sample, round after round, with fresh case ids and current timestamps."""
+def live_traffic(lines: list[bytes]) -> Iterator[tuple[bytes | None, bytes]]:
+    """(key, value) messages: the sample, round after round, with fresh case ids and
+    current timestamps; invalid lines go out unchanged (and unkeyed)."""
     round_no = 0
     while True:
         round_no += 1
@@ -46,17 +46,17 @@ def live_traffic(lines: list[bytes]) -> Iterator[bytes]:
             try:
                 doc = orjson.loads(line)
             except orjson.JSONDecodeError:
-                yield line
-                continue
+                doc = None
             if not isinstance(doc, dict):
-                yield line
+                yield None, line
                 continue
             for key in ("case_id", "event_id", "related_case_id"):
                 if isinstance(doc.get(key), str):
                     doc[key] = doc[key] + suffix
-            if doc.get("ts") is not None and isinstance(doc.get("ts"), str | int):
+            if isinstance(doc.get("ts"), str | int):
                 doc["ts"] = int(time.time() * 1000)
-            yield orjson.dumps(doc)
+            case_id = doc.get("case_id")
+            yield (case_id.encode() if isinstance(case_id, str) else None), orjson.dumps(doc)
 
 
 async def feed(settings: Settings, rate: float, stop: asyncio.Event) -> None:
@@ -66,10 +66,10 @@ async def feed(settings: Settings, rate: float, stop: asyncio.Event) -> None:
     try:
         interval = 1.0 / rate
         next_at = time.monotonic()
-        for line in live_traffic(sample_lines()):
+        for key, value in live_traffic(sample_lines()):
             if stop.is_set():
                 return
-            await producer.send(settings.events_topic, line, key=message_key(line))
+            await producer.send(settings.events_topic, value, key=key)
             next_at += interval
             delay = next_at - time.monotonic()
             if delay > 0:
@@ -122,9 +122,7 @@ async def fetch_report(session: aiohttp.ClientSession, url: str, settings: Setti
             snap = await response.json()
     except (TimeoutError, aiohttp.ClientError):
         return None
-    total = Aggregate(window_sizes=settings.window_sizes_s)
-    for doc in snap["partitions"].values():
-        total.merge(Aggregate.from_json(doc))
+    total = Aggregate.sum_of(snap["partitions"].values(), settings.window_sizes_s)
     return build_report(total, settings.report_window_s)
 
 

@@ -99,7 +99,7 @@ _PIPELINE: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
     ("acsr_events_normalised", "Fields normalised (e.g. an unknown escalation reason).",
      kpis.NORMALISED, "field", ("reason",)),
     ("acsr_dead_letter_failed", "Invalid messages the dead-letter topic refused.",
-     "dead_letter_failed", "reason", ()),
+     kpis.DEAD_LETTER_FAILED, "reason", ()),
     ("acsr_processing_errors", "Valid messages that failed processing (dead-lettered).",
      kpis.PROCESSING_ERROR, "reason", ()),
 )
@@ -131,10 +131,12 @@ class KpiCollector(Collector):
 
     def collect(self) -> Iterator:
         aggregates = self.view.aggregates()
-        yield from self._counters(aggregates)
-        yield from self._histograms(aggregates)
+        # One pass over each partition's series, then each family reads only its own.
+        series = {p: _by_figure(agg.series) for p, agg in aggregates.items()}
+        yield from self._counters(series)
+        yield from self._histograms(aggregates, series)
         yield from self._pipeline(aggregates)
-        yield from self._health()
+        yield from self._health(len(aggregates))
 
     def _bounded(self, name: str, labels: tuple[str, ...], extra: tuple[str, ...]
                  ) -> tuple[str, ...]:
@@ -142,16 +144,14 @@ class KpiCollector(Collector):
             return (self.bounds.bound("action", labels[0]), labels[1])
         return labels[: len(extra)]
 
-    def _counters(self, aggregates: dict[int, Aggregate]) -> Iterator:
+    def _counters(self, series: dict[int, _FigureIndex]) -> Iterator:
         for metric, help_text, figure, extra, use_sum in _COUNTERS:
             family = CounterMetricFamily(metric, help_text,
                                          labels=("partition", *DIMENSION_LABELS, *extra))
-            for partition, agg in aggregates.items():
+            for partition, by_figure in series.items():
                 cells: dict[tuple[str, ...], float] = {}
-                for (name, labels, dims), (count, total) in agg.series.items():
-                    if name != figure:
-                        continue
-                    key = (*self.bounds.dims(dims), *self._bounded(name, labels, extra))
+                for labels, dims, (count, total) in by_figure.get(figure, ()):
+                    key = (*self.bounds.dims(dims), *self._bounded(figure, labels, extra))
                     cells[key] = cells.get(key, 0.0) + (total if use_sum else count)
                     for zero in _ZERO_LABELS.get(figure, ()):
                         cells.setdefault((*key[:3], *zero), 0.0)
@@ -159,21 +159,20 @@ class KpiCollector(Collector):
                     family.add_metric((str(partition), *key), value)
             yield family
 
-    def _histograms(self, aggregates: dict[int, Aggregate]) -> Iterator:
+    def _histograms(self, aggregates: dict[int, Aggregate], series: dict[int, _FigureIndex]
+                    ) -> Iterator:
         for metric, help_text, figure, extra in _HISTOGRAMS:
             bounds = HISTOGRAM_BUCKETS[figure]
             family = HistogramMetricFamily(metric, help_text,
                                            labels=("partition", *DIMENSION_LABELS, *extra))
             for partition, agg in aggregates.items():
                 merged: dict[tuple[str, ...], tuple[list[int], float]] = {}
-                for key, buckets in agg.histograms.items():
-                    name, labels, dims = key
-                    if name != figure:
-                        continue
+                for labels, dims, (_, observed_sum) in series[partition].get(figure, ()):
+                    buckets = agg.histograms[(figure, labels, dims)]
                     label_key = (*self.bounds.dims(dims), *labels[: len(extra)])
                     counts, total = merged.get(label_key, ([0] * len(buckets), 0.0))
                     counts = [a + b for a, b in zip(counts, buckets, strict=True)]
-                    merged[label_key] = (counts, total + agg.series[key][1])
+                    merged[label_key] = (counts, total + observed_sum)
                 for label_key, (counts, total) in sorted(merged.items()):
                     cumulative, running = [], 0
                     for bound, n in zip((*bounds, math.inf), counts, strict=True):
@@ -200,7 +199,7 @@ class KpiCollector(Collector):
             duplicates.add_metric((str(partition),), agg.pipeline.get((kpis.DUPLICATE, ""), 0))
         yield duplicates
 
-    def _health(self) -> Iterator:
+    def _health(self, owned_partitions: int) -> Iterator:
         info = InfoMetricFamily("acsr_worker", "The worker's version and consumer group.")
         info.add_metric((), {"version": self.view.version, "app_id": self.view.app_id})
         yield info
@@ -218,8 +217,19 @@ class KpiCollector(Collector):
             lag.add_metric((str(partition),), value)
         yield lag
         owned = GaugeMetricFamily("acsr_partitions_owned", "Events partitions this worker owns.")
-        owned.add_metric((), len(self.view.aggregates()))
+        owned.add_metric((), owned_partitions)
         yield owned
+
+
+_FigureIndex = dict[str, list[tuple[tuple[str, ...], kpis.Dims, list[float]]]]
+
+
+def _by_figure(series: dict[tuple[str, tuple[str, ...], kpis.Dims], list[float]]
+               ) -> _FigureIndex:
+    index: _FigureIndex = {}
+    for (name, labels, dims), cell in series.items():
+        index.setdefault(name, []).append((labels, dims, cell))
+    return index
 
 
 def _le(bound: float) -> str:

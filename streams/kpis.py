@@ -47,6 +47,7 @@ INVALID = "invalid"  # label: reason
 LATE = "late"  # label: window size in seconds
 NORMALISED = "normalised"  # label: field name
 PROCESSING_ERROR = "processing_error"  # label: the error's reason (messages dead-lettered)
+DEAD_LETTER_FAILED = "dead_letter_failed"  # label: reason of a message the DLQ refused
 
 OUTCOMES = ("autonomous", "unverified", "human", "escalated")
 
@@ -173,6 +174,14 @@ class Aggregate:
         }
 
     @classmethod
+    def sum_of(cls, docs: Iterable[dict[str, Any]], window_sizes: tuple[int, ...]) -> Aggregate:
+        """One aggregate from several partitions' JSON aggregates (e.g. workers' /kpis/)."""
+        total = cls(window_sizes=window_sizes)
+        for doc in docs:
+            total.merge(cls.from_json(doc))
+        return total
+
+    @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Aggregate:
         agg = cls(window_sizes=tuple(doc.get("window_sizes", (3600,))))
         for n, lb, d, c, s in doc.get("series", ()):
@@ -207,16 +216,19 @@ class _Sums:
             cell[0] += count
             cell[1] += total
 
-    def cell(self, name: str, *labels: str) -> list[float]:
-        """Count and sum of `name`, over every labels tuple that starts with `labels`."""
+    def cell(self, name: str, *labels: str | None) -> list[float]:
+        """Count and sum of `name` over its labels tuples that match `labels` position by
+        position (`None` matches any value; missing trailing labels match anything)."""
         out = [0, 0.0]
         for (cname, clabels), (count, total) in self.cells.items():
-            if cname == name and clabels[: len(labels)] == labels:
+            if cname == name and all(
+                want is None or want == have for want, have in zip(labels, clabels, strict=False)
+            ):
                 out[0] += count
                 out[1] += total
         return out
 
-    def n(self, name: str, *labels: str) -> int:
+    def n(self, name: str, *labels: str | None) -> int:
         return int(self.cell(name, *labels)[0])
 
     def total(self, name: str, *labels: str) -> float:
@@ -276,7 +288,7 @@ def figures(items: Iterable[tuple[str, tuple[str, ...], list[float]]]) -> dict[s
             name: {"count": int(c[0]), "mean": _mean(c)} for name, c in s.by_label(EVALUATION)
         },
         "actions": actions,
-        "actions_failed": _failed(s),
+        "actions_failed": s.n(ACTION, None, "failure"),
         "suggestions_reviewed": reviewed,
         "suggestions_adopted": adopted,
         "adoption_rate": _ratio(adopted, reviewed),
@@ -284,14 +296,6 @@ def figures(items: Iterable[tuple[str, tuple[str, ...], list[float]]]) -> dict[s
         "knowledge_missing": s.n(KNOWLEDGE, "missing"),
         "annotation_routed": {r: int(c[0]) for r, c in s.by_label(ANNOTATION)},
     }
-
-
-def _failed(s: _Sums) -> int:
-    return sum(
-        int(count)
-        for (name, labels), (count, _) in s.cells.items()
-        if name == ACTION and labels[1] == "failure"
-    )
 
 
 def window_items(agg: Aggregate, size: int) -> list[dict[str, Any]]:

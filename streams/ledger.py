@@ -60,9 +60,6 @@ class Ledger:
         self.positions: dict[int, int] = {}  # next offset to process, per events partition
 
     def aggregate(self, partition: int) -> Aggregate:
-        return self._aggregate(partition)
-
-    def _aggregate(self, partition: int) -> Aggregate:
         agg = self.aggregates.get(partition)
         if agg is None:
             agg = self.aggregates[partition] = Aggregate(window_sizes=self.windows.sizes_s)
@@ -109,11 +106,11 @@ class Ledger:
         record.archive = archive.to_json()
         record.offset = offset
         records[partition] = record.to_bytes()
-        self._aggregate(partition).count(counter, reason)
+        self.aggregate(partition).count(counter, reason)
         return True
 
     def _account(self, partition: int, case_id: str, step: Step) -> None:
-        agg = self._aggregate(partition)
+        agg = self.aggregate(partition)
         agg.add_facts(step.facts)
         agg.add_pipeline(step.pipeline)
         self.case_keys.setdefault(partition, set()).add(case_id)

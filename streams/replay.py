@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -62,7 +63,7 @@ class WorkerProcess:
 
     def start(self) -> None:
         env = dict(os.environ)
-        env.update(settings_env(self.settings))
+        env.update(self.settings.to_env())
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "streams.cli", "worker"],
@@ -94,18 +95,6 @@ class WorkerProcess:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that hands `settings` to a worker subprocess."""
-    out = {}
-    for name, value in settings.__dict__.items():
-        if isinstance(value, tuple):
-            value = ",".join(str(v) for v in value)
-        elif isinstance(value, bool):
-            value = "1" if value else "0"
-        out["ACSR_" + name.upper()] = str(value)
-    return out
 
 
 @dataclass
@@ -237,8 +226,6 @@ async def wait_processed(cluster: Cluster, bootstrap: str, ends: dict[int, int],
 
 async def gather_metrics(cluster: Cluster) -> str:
     """Every worker's /metrics, summed into one exposition."""
-    import aiohttp
-
     texts = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         for worker in cluster.running():
@@ -250,8 +237,6 @@ async def gather_metrics(cluster: Cluster) -> str:
 async def gather_aggregates(cluster: Cluster, partitions: int, timeout_s: float = 60.0
                             ) -> Aggregate:
     """Sum the workers' partition aggregates, once every partition is owned exactly once."""
-    import aiohttp
-
     deadline = time.monotonic() + timeout_s
     problem = "no worker answered"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
@@ -267,12 +252,11 @@ async def gather_aggregates(cluster: Cluster, partitions: int, timeout_s: float 
                 continue
             owned = [p for snap in snapshots if not snap["recovering"] for p in snap["owned"]]
             if sorted(owned) == list(range(partitions)):
-                total = Aggregate(window_sizes=cluster.settings.window_sizes_s)
-                for snap in snapshots:
-                    for key, doc in snap["partitions"].items():
-                        if int(key) in snap["owned"]:
-                            total.merge(Aggregate.from_json(doc))
-                return total
+                return Aggregate.sum_of(
+                    (doc for snap in snapshots for key, doc in snap["partitions"].items()
+                     if int(key) in snap["owned"]),
+                    cluster.settings.window_sizes_s,
+                )
             problem = f"partitions owned {sorted(owned)}, expected each of 0..{partitions - 1} once"
             await asyncio.sleep(0.5)
     raise ReplayError(f"could not gather the workers' tables: {problem}")
