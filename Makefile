@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast test-faults lint demo bench dashboards clean
+.PHONY: install test test-fast test-faults lint demo dashboards clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,9 +33,6 @@ dashboards: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/acsr-metrics demo
-
-bench: $(STAMP)
-	$(BIN)/python -m streams.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

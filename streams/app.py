@@ -6,8 +6,10 @@ a short loop that hands the event to the ledger (pure accounting) and does the I
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +17,25 @@ import faust
 import orjson
 from faust.types import TP
 from faust.web import Request, Response, View
-from prometheus_client import generate_latest
+from prometheus_client import Counter, generate_latest
 
 from . import __version__, kpis
-from .broker import ONE_RECORD_BATCH_BYTES
-from .cases import SECOND_US, WindowPolicy, related_case
+from .annotation_log import load_guard, partition_count, reader
+from .annotations import HORIZON_HEADER, ResendGuard, Source, build_item, encode
+from .broker import ONE_RECORD_BATCH_BYTES, ensure_topics
+from .cases import SECOND_US, Step, WindowPolicy, related_case
 from .config import Settings
 from .events import InvalidEvent, parse_event
 from .exporter import LabelBounds, WorkerView, build_registry
-from .faust_fixes import complete_flushes, seek_uncommitted_to_beginning
+from .faust_fixes import (
+    complete_flushes,
+    keep_seeks_over_stale_reads,
+    seek_uncommitted_to_beginning,
+    stop_when_offsets_vanish,
+)
 from .ledger import Ledger
+from .security import faust_credentials, kafka_client_kwargs
+from .window_tables import WindowTables, WindowTopicError
 
 log = logging.getLogger("acsr_metrics")
 
@@ -35,15 +46,32 @@ PROCESSING_ERROR = "processing_error"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
 
 
+TANSU_REQUEST_TIMEOUT_S = 10.0
+
+
+class BrokerStateLost(RuntimeError):
+    """The broker lost offsets this worker committed, and with them its log: stop."""
+
+
+class AnnotationTopicError(RuntimeError):
+    """The annotation topic cannot take every events partition's items: stop the worker."""
+
+
 def build_app(settings: Settings) -> faust.App:
     data_dir = Path(settings.data_dir) / f"{settings.app_id}-{settings.web_port}"
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     tansu_workarounds: dict[str, Any] = (
-        {"producer_max_batch_size": ONE_RECORD_BATCH_BYTES} if settings.tansu else {}
+        {
+            "producer_max_batch_size": ONE_RECORD_BATCH_BYTES,
+            # Tansu now and then never answers a request after a client was killed; a
+            # short timeout retries it instead of waiting Faust's default 20 minutes.
+            "producer_request_timeout": TANSU_REQUEST_TIMEOUT_S,
+        } if settings.tansu else {}
     )
     app = faust.App(
         settings.app_id,
         broker=settings.broker_url,
+        broker_credentials=faust_credentials(settings),
         store="memory://",
         datadir=str(data_dir),
         table_standby_replicas=0,
@@ -62,11 +90,29 @@ def build_app(settings: Settings) -> faust.App:
     )
     complete_flushes(app.producer)  # offsets are committed only after every table write
     seek_uncommitted_to_beginning(app.consumer)  # no record skipped after a rebalance
+    keep_seeks_over_stale_reads(app.consumer)  # nor records re-fetched after one
+
+    async def stop_on_lost_offsets(lost: list[Any]) -> None:
+        err = BrokerStateLost(
+            "the broker lost the committed offsets of "
+            + ", ".join(f"{tp.topic}/{tp.partition}" for tp in lost)
+            + ": it lost its log (an embedded broker restarted, or the cluster was replaced)."
+            " Stopping rather than counting a new log against old state: restart the workers"
+            " (the figures start again from what the broker holds now)."
+        )
+        log.critical("%s", err)
+        await app.crash(err)
+        raise err
+
+    stop_when_offsets_vanish(app.consumer, stop_on_lost_offsets)
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     events_topic = app.topic(settings.events_topic, partitions=settings.partitions, **raw)
     links_topic = app.topic(settings.links_topic, partitions=settings.partitions,
                             internal=True, **raw)
     dlq_topic = app.topic(settings.dlq_topic, **raw)
+    # Items of events partition p go to annotation partition p (see docs/annotations.md).
+    annotation_topic = app.topic(settings.annotation_topic, partitions=settings.partitions,
+                                 **raw)
 
     # Values are our own JSON bytes (value_type=bytes: raw changelog values), so the store
     # never aliases a state we go on mutating; keys are JSON (str and int survive recovery).
@@ -76,9 +122,19 @@ def build_app(settings: Settings) -> faust.App:
     ledger = Ledger(
         WindowPolicy(sizes_s=settings.window_sizes_s, grace_s=settings.window_grace_s),
         retention_us=settings.case_retention_s * SECOND_US,
+        sample_rate=settings.sample_resolved_rate,
+        fact_windows=False,  # the window tables hold the windows
     )
+    guards: dict[int, ResendGuard] = {}  # per events partition, since it was assigned
+    # Held from planning an event to writing its case, so no link write lands in between.
+    case_locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+    annotation_topic_ready = asyncio.Event()
+    client_options = kafka_client_kwargs(settings)  # our own clients, secured like Faust's
+    window_tables = WindowTables(app, settings, ledger.windows, ledger.watermarks.get,
+                                 client_options)
 
-    async def dead_letter(message: Any, invalid: InvalidEvent) -> None:
+    async def dead_letter(message: Any, invalid: InvalidEvent) -> bool:
+        """Send the message to the dead-letter topic; False when the topic refused it."""
         headers = [
             *(message.headers or ()),
             (REASON_HEADER, invalid.reason.encode()),
@@ -91,7 +147,8 @@ def build_app(settings: Settings) -> faust.App:
         except Exception as err:  # the dead-letter topic refused it: count, log, go on
             log.warning("dead-letter write failed (reason=%s, partition=%s, offset=%s): %s",
                         invalid.reason, message.partition, message.offset, err)
-            ledger.aggregate(message.partition).count(kpis.DEAD_LETTER_FAILED, invalid.reason)
+            return False
+        return True
 
     def ensure_built(partitions: set[int]) -> None:
         # After a rebalance a partition's aggregate, watermark and key index are derived
@@ -99,15 +156,61 @@ def build_app(settings: Settings) -> faust.App:
         unbuilt = ledger.unbuilt(partitions)
         if unbuilt:
             ledger.build(cases.items(), partition_records.items(), unbuilt)
+        window_tables.build(partitions)
+
+    async def ensure_annotation_topic() -> None:
+        if annotation_topic_ready.is_set():
+            return
+        await ensure_topics(settings.bootstrap_servers,
+                            {settings.annotation_topic: settings.partitions},
+                            settings.replication_factor, client=client_options)
+        async with reader(settings.bootstrap_servers, client=client_options) as consumer:
+            have = await partition_count(consumer, settings.annotation_topic)
+            need = await partition_count(consumer, settings.events_topic)
+        if have < need:
+            raise AnnotationTopicError(
+                f"annotation topic {settings.annotation_topic} has {have} partitions, fewer "
+                f"than the {need} of {settings.events_topic}: recreate it with {need}"
+            )
+        annotation_topic_ready.set()
+
+    async def resend_guard(partition: int, offset: int) -> ResendGuard:
+        # The first event a worker processes on a partition (after a start or a rebalance)
+        # marks where redelivery may begin: items sent for events from there on are found
+        # on the annotation partition's tail and not sent again.
+        guard = guards.get(partition)
+        if guard is None or offset < guard.first_offset:
+            await ensure_annotation_topic()
+            guard = guards[partition] = await load_guard(
+                settings.bootstrap_servers, settings.annotation_topic, partition, offset,
+                client_options)
+        return guard
+
+    async def send_items(message: Any, case_id: str, step: Step, guard: ResendGuard) -> None:
+        source = Source(message.topic, message.partition, message.offset)
+        headers = [(HORIZON_HEADER, str(guard.horizon).encode())]
+        acks = []
+        for route in step.routes:
+            if guard.already_sent(case_id, route.reason):
+                resends_prevented.inc()
+                continue
+            item = build_item(case_id, route.reason, route.trigger,
+                              step.state.annotation_view(), source)
+            acks.append(await annotation_topic.send(
+                key=case_id.encode(), value=encode(item), partition=message.partition,
+                headers=headers, force=True))
+        for ack in acks:
+            await ack
 
     async def process(message: Any) -> None:
         ensure_built({message.partition})
+        guard = await resend_guard(message.partition, message.offset)
         try:
             parsed = parse_event(message.value)
         except InvalidEvent as invalid:
-            await dead_letter(message, invalid)
+            dead_lettered = await dead_letter(message, invalid)
             ledger.apply_invalid(partition_records, message.partition, message.offset,
-                                 invalid.reason)
+                                 invalid.reason, dead_lettered=dead_lettered)
             return
         related = related_case(parsed)
         if related is not None:
@@ -115,7 +218,15 @@ def build_app(settings: Settings) -> faust.App:
             # applying a link twice changes nothing.
             link = orjson.dumps({"case_id": related, "ts_us": parsed.ts_us})
             await (await links_topic.send(key=related.encode(), value=link, force=True))
-        ledger.apply_event(cases, parsed, message.partition, message.offset)
+        async with case_locks[message.partition]:
+            step = ledger.plan_event(cases, parsed, message.partition, message.offset)
+            if step is not None:
+                # Items are acknowledged before the case write that records them (as links).
+                await send_items(message, parsed.case_id, step, guard)
+                # Window cells too are acknowledged before the case write.
+                await window_tables.fold(message, parsed, step)
+                ledger.commit_event(cases, parsed, message.partition, step)
+        await window_tables.advance(message)  # publish closed windows, drop expired ones
         event_time_lag.observe(max(0.0, time.time() - parsed.ts_us / 1e6))
         ledger.maybe_expire(cases, partition_records, message.partition)
 
@@ -124,16 +235,20 @@ def build_app(settings: Settings) -> faust.App:
         async for event in stream.events():
             try:
                 await process(event.message)
+            except (AnnotationTopicError, WindowTopicError) as err:
+                log.critical("%s", err)
+                await app.crash(err)
+                raise
             except Exception as err:
                 # A bug must not stop the partition nor lose the message: it goes to the
                 # dead-letter topic with reason processing_error, counted and logged.
                 log.exception("processing failed (partition=%s, offset=%s)",
                               event.message.partition, event.message.offset)
                 failure = InvalidEvent(PROCESSING_ERROR, f"{type(err).__name__}: {err}")
-                await dead_letter(event.message, failure)
+                dead_lettered = await dead_letter(event.message, failure)
                 ledger.apply_invalid(partition_records, event.message.partition,
                                      event.message.offset, PROCESSING_ERROR,
-                                     counter=kpis.PROCESSING_ERROR)
+                                     counter=kpis.PROCESSING_ERROR, dead_lettered=dead_lettered)
 
     @app.agent(links_topic)
     async def apply_links(stream: faust.StreamT) -> None:
@@ -141,8 +256,9 @@ def build_app(settings: Settings) -> faust.App:
             ensure_built({event.message.partition})
             try:
                 link = orjson.loads(event.message.value)
-                ledger.apply_link(cases, link["case_id"], event.message.partition,
-                                  link["ts_us"])
+                async with case_locks[event.message.partition]:
+                    ledger.apply_link(cases, link["case_id"], event.message.partition,
+                                      link["ts_us"])
             except Exception:  # only our own messages come here: a bug, never input
                 log.exception("link failed (partition=%s, offset=%s)",
                               event.message.partition, event.message.offset)
@@ -171,14 +287,23 @@ def build_app(settings: Settings) -> faust.App:
         return {p: agg for p, agg in ledger.aggregates.items() if p in owned}
 
     registry, event_time_lag = build_registry(
-        WorkerView(owned_aggregates, consumer_lag, recovering, __version__, settings.app_id),
+        WorkerView(owned_aggregates, consumer_lag, recovering, __version__, settings.app_id,
+                   windows=lambda: window_tables.latest_closed(owned_aggregates())),
         LabelBounds(limit=settings.label_limit, allowed=settings.label_allow_lists()),
     )
+    resends_prevented = Counter(
+        "acsr_annotation_resends_prevented",
+        "Annotation items found already sent (before a crash) and not sent again.",
+        registry=registry)
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(sender: Any, revoked: set[TP], **_: Any) -> None:
         # Stop exposing a partition at once: its new owner exposes it from its tables.
-        ledger.drop({tp.partition for tp in revoked if tp.topic == settings.events_topic})
+        gone = {tp.partition for tp in revoked if tp.topic == settings.events_topic}
+        ledger.drop(gone)
+        window_tables.forget(gone)
+        for partition in gone:
+            guards.pop(partition, None)
 
     @cases.on_recover
     async def rebuild_aggregates() -> None:
@@ -200,7 +325,9 @@ def build_app(settings: Settings) -> faust.App:
             owned = owned_partitions()
             return self.json({
                 "version": __version__,
-                "partitions": {str(p): agg.to_json() for p, agg in sorted(aggregates.items())},
+                # Windows come from the window tables (the aggregates keep none).
+                "partitions": {str(p): {**agg.to_json(), "windows": window_tables.rows(p)}
+                               for p, agg in sorted(aggregates.items())},
                 "owned": sorted(owned),
                 "recovering": recovering() or set(aggregates) != owned,
             })

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
@@ -90,6 +93,9 @@ class EmbeddedBroker:
             [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            # A session of its own: a Ctrl-C in the terminal reaches only our process,
+            # which stops the workers before the broker they write to.
+            start_new_session=True,
         )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
@@ -125,21 +131,52 @@ class EmbeddedBroker:
         self.stop()
 
 
-async def ensure_topics(bootstrap: str, topics: dict[str, int], replication_factor: int = 1,
-                        timeout_s: float = 30.0) -> None:
-    """Create each topic with its partition count unless it exists (then keep it as it is)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    deadline = time.monotonic() + timeout_s
+RETRY_MAX_S = 5.0  # the longest pause between two connection attempts
+
+log = logging.getLogger("acsr_metrics")
+
+
+async def connect_admin(bootstrap: str, wait_s: float,
+                        client: Mapping[str, Any] | None = None) -> AIOKafkaAdminClient:
+    """An admin client connected to the broker, retrying with backoff for up to `wait_s`.
+
+    A worker started before its broker (a deploy, a broker restart) waits and says so on
+    each attempt, then gives up with BrokerUnavailable (exit code 3) instead of hanging.
+    """
+    deadline = time.monotonic() + wait_s
+    pause = 0.5
     while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000,
+                                    **(client or {}))
         try:
-            await admin.start()
-            break
-        except KafkaError as err:
+            # Bounded, so a silent (firewalled) address cannot outlast the wait.
+            await asyncio.wait_for(admin.start(), max(0.1, deadline - time.monotonic()))
+            return admin
+        except (KafkaError, OSError, TimeoutError) as err:
             await admin.close()
-            if time.monotonic() > deadline:
-                raise BrokerUnavailable(f"cannot reach the broker at {bootstrap}: {err}") from None
-            await asyncio.sleep(0.5)
-            admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+            left = deadline - time.monotonic()
+            problem = str(err) or type(err).__name__
+            if left <= 0:
+                raise BrokerUnavailable(
+                    f"cannot reach the broker at {bootstrap} within {wait_s:g}s ({problem}); "
+                    "check --broker/ACSR_BROKER, or wait longer with ACSR_BROKER_WAIT_S"
+                ) from None
+            pause = min(pause, left)
+            log.warning("broker %s unreachable, retrying in %.1fs (%.1fs left): %s",
+                        bootstrap, pause, left, problem)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX_S)
+
+
+async def ensure_topics(bootstrap: str, topics: dict[str, int], replication_factor: int = 1,
+                        timeout_s: float = 30.0, client: Mapping[str, Any] | None = None
+                        ) -> None:
+    """Create each topic with its partition count unless it exists (then keep it as it is).
+
+    `timeout_s` bounds the wait for the broker; `client` holds the security options
+    (streams.security.kafka_client_kwargs).
+    """
+    admin = await connect_admin(bootstrap, timeout_s, client)
     try:
         existing = set(await admin.list_topics())
         wanted = [

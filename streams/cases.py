@@ -13,7 +13,8 @@ from typing import Any
 import orjson
 
 from . import kpis
-from .events import DIMENSIONS, Event, normalise_reason
+from .annotations import RANDOM_SAMPLE, CaseView, sampled
+from .events import DIMENSIONS, Event, format_ts, normalise_reason
 from .kpis import UNKNOWN, Fact
 
 DAY_US = 86_400_000_000
@@ -73,6 +74,12 @@ class CaseState:
         doc["facts"] = [Fact.from_json(item) for item in doc["facts"]]
         return cls(**doc)
 
+    def annotation_view(self) -> CaseView:
+        """The case as an annotation item shows it."""
+        return CaseView(dims=self.dims_now(), outcome=self.outcome,
+                        policy_failed=self.policy_failed, overridden=self.overridden,
+                        failed_actions=tuple(a for a, ok in self.actions.items() if not ok))
+
     def dims_now(self) -> kpis.Dims:
         intent, channel, version = self.dims
         return (intent or UNKNOWN, channel or UNKNOWN, version or UNKNOWN)
@@ -100,6 +107,7 @@ class Step:
     pipeline: dict[str, int] = field(default_factory=dict)
     routes: list[Route] = field(default_factory=list)
     duplicate: bool = False
+    sample_rate: float = 0.0  # share of autonomous resolutions routed as random_sample
 
     def fact(self, name: str, *labels: str, value: float = 1.0, ts_us: int | None = None,
              late: tuple[int, ...] = ()) -> None:
@@ -133,13 +141,14 @@ def apply_event(
     offset: int,
     watermark_us: int | None,
     windows: WindowPolicy,
+    sample_rate: float = 0.0,
 ) -> Step:
     """Apply a valid event (already known not to be a redelivery) to its case."""
     state = state if state is not None else new_case(partition)
     state.partition = partition
     state.offset = max(state.offset, offset)
     state.last_us = event.ts_us if state.last_us is None else max(state.last_us, event.ts_us)
-    step = Step(state)
+    step = Step(state, sample_rate=sample_rate)
     if event.event_id in state.ids:
         step.duplicate = True
         step.count(kpis.DUPLICATE)
@@ -229,7 +238,9 @@ def _conclude(step: Step, event: Event, outcome: str, late: tuple[int, ...]) -> 
         seconds = max(0, event.ts_us - opened) / SECOND_US
         step.fact(kpis.AHT, value=seconds, ts_us=event.ts_us, late=late)
         for ts_us in state.reopens:
-            _count_reopen(step, ts_us, {"type": "case_reopened", "ts_us": ts_us})
+            # Only the time of a reopen that came before the conclusion is kept.
+            trigger = {"type": "case_reopened", "case_id": event.case_id, "ts": format_ts(ts_us)}
+            _count_reopen(step, ts_us, trigger)
         for ts_us in state.links:
             _count_link(step, ts_us)
     state.reopens.clear()
@@ -265,6 +276,8 @@ def _on_resolved(step: Step, event: Event, late: tuple[int, ...], intent_known: 
     _conclude(step, event, outcome, late)
     if outcome == "unverified":
         step.route("unverified_resolution", event.fields)
+    elif outcome == "autonomous" and sampled(event.case_id, step.sample_rate):
+        step.route(RANDOM_SAMPLE, event.fields)
 
 
 def _on_policy(step: Step, event: Event, late: tuple[int, ...], _: bool) -> None:

@@ -10,7 +10,11 @@ from pathlib import Path
 from . import __version__
 from .broker import BrokerUnavailable, ensure_topics
 from .config import ConfigError, Settings, from_env
+from .demo import add_demo_arguments, run_demo_command
+from .export_queue import add_parser as add_export_parser
+from .export_queue import run_export_command
 from .replay import ReplayError
+from .simulate import add_simulate_parser, run_simulate_command
 
 
 def _settings_args(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +28,13 @@ def _settings_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", choices=("crit", "error", "warn", "info", "debug"))
 
 
+def _sample_resolved_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sample-resolved", type=float, metavar="RATE",
+                        help="share (0-1) of autonomous resolutions sent to the annotation "
+                        "queue as random_sample, fixed by a hash of case_id "
+                        "(env ACSR_SAMPLE_RESOLVED_RATE, default 0)")
+
+
 def _settings(args: argparse.Namespace, base: Settings) -> Settings:
     return base.with_overrides(
         broker=getattr(args, "broker", None),
@@ -34,6 +45,7 @@ def _settings(args: argparse.Namespace, base: Settings) -> Settings:
         log_level=args.log_level,
         web_host=getattr(args, "web_host", None),
         web_port=getattr(args, "web_port", None),
+        sample_resolved_rate=getattr(args, "sample_resolved", None),
     )
 
 
@@ -51,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--web-port", type=int, help="port of /metrics and /kpis (default 6066)")
     worker.add_argument("--tansu", action="store_true",
                         help="apply the embedded (Tansu) broker workarounds")
+    _sample_resolved_arg(worker)
 
     replay = commands.add_parser(
         "replay", help="replay a JSON Lines file through the pipeline and write the report")
@@ -63,13 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--stall-timeout", type=float, default=120.0,
                         help="fail when no event is processed for this many seconds")
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
+    _sample_resolved_arg(replay)
+
+    add_export_parser(commands)
 
     demo = commands.add_parser(
         "demo", help="embedded broker, one worker, live traffic and a terminal view")
-    demo.add_argument("--rate", type=float, default=50.0, help="events per second (default 50)")
-    demo.add_argument("--duration", type=float, help="stop after this many seconds")
-    demo.add_argument("--web-port", type=int, help="port of /metrics (default 6066)")
-    demo.add_argument("--refresh", type=float, default=3.0, help="seconds between view updates")
+    add_demo_arguments(demo)
+
+    add_simulate_parser(commands)
     return parser
 
 
@@ -77,13 +92,14 @@ def run_worker(settings: Settings) -> int:
     from faust.worker import Worker
 
     from .app import build_app
+    from .security import kafka_client_kwargs
 
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(ensure_topics(settings.bootstrap_servers, {
             settings.events_topic: settings.partitions,
             settings.dlq_topic: settings.partitions,
-        }, settings.replication_factor))
+        }, settings.replication_factor, settings.broker_wait_s, kafka_client_kwargs(settings)))
     finally:
         loop.close()
     asyncio.set_event_loop(asyncio.new_event_loop())
@@ -128,20 +144,6 @@ def run_replay_command(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def run_demo_command(args: argparse.Namespace, base: Settings) -> int:
-    import tempfile
-
-    from .demo import run_demo
-
-    if args.rate <= 0:
-        raise ConfigError("--rate must be > 0 events per second")
-    settings = base.with_overrides(web_port=args.web_port, partitions=4)
-    log_dir = Path(tempfile.mkdtemp(prefix="acsr-demo-"))
-    print(f"worker log: {log_dir / 'worker-0.log'}", file=sys.stderr)
-    asyncio.run(run_demo(settings, args.rate, args.duration, args.refresh, log_dir))
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -154,9 +156,13 @@ def main(argv: list[str] | None = None) -> int:
             return run_worker(settings)
         if args.command == "demo":
             return run_demo_command(args, base)
+        if args.command == "simulate":
+            return run_simulate_command(args, base)
         if args.command == "replay":
             replay_base = base.with_overrides(partitions=args.partitions or 4)
             return run_replay_command(args, _settings(args, replay_base))
+        if args.command == "export-queue":
+            return run_export_command(args, base)
     except ConfigError as err:
         print(f"acsr-metrics: configuration error: {err}", file=sys.stderr)
         return 2

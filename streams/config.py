@@ -29,13 +29,15 @@ class Settings:
     dlq_topic: str = "acsr.events.dlq"
     links_topic: str = "acsr.case-links"
     annotation_topic: str = "acsr.annotation.queue"
+    windows_topic: str = "acsr.kpi.windows"  # closed event-time windows, one message each
     partitions: int = 8
     replication_factor: int = 1
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     case_retention_s: int = 7 * DAY_S
-    window_sizes_s: tuple[int, ...] = (3600,)
+    window_sizes_s: tuple[int, ...] = (60, 3600)
     window_grace_s: int = 600
+    window_retention_s: int = 2 * DAY_S  # event time a window is kept after its end
     report_window_s: int = 3600
     tansu: bool = False  # apply the embedded (Tansu) broker workarounds
     session_timeout_s: float = 10.0
@@ -46,7 +48,18 @@ class Settings:
     channel_allow: str = ""
     agent_version_allow: str = ""
     action_allow: str = ""
+    sample_resolved_rate: float = 0.0  # share of autonomous resolutions sent for review
     data_dir: str = field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "acsr-metrics"))
+    broker_wait_s: float = 60.0  # how long a starting worker waits for an unreachable broker
+    # Kafka security (docs/reliability.md): applied to Faust and to our own clients alike.
+    security_protocol: str = "PLAINTEXT"  # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL
+    sasl_mechanism: str = "PLAIN"  # PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)  # never in a repr, hence never logged
+    sasl_password_file: str = ""  # a file holding the password (e.g. a mounted secret)
+    ssl_cafile: str = ""  # CA bundle to verify the brokers (empty: the system's CAs)
+    ssl_certfile: str = ""  # client certificate (mutual TLS)
+    ssl_keyfile: str = ""
 
     @property
     def bootstrap_servers(self) -> str:
@@ -64,7 +77,8 @@ class Settings:
                 raise ConfigError(
                     f"broker {url!r} is not host:port (e.g. 127.0.0.1:9092 or kafka://host:9092)"
                 )
-        for name in ("events_topic", "dlq_topic", "links_topic", "annotation_topic", "app_id"):
+        for name in ("events_topic", "dlq_topic", "links_topic", "annotation_topic",
+                     "windows_topic", "app_id"):
             value = getattr(self, name)
             if not _TOPIC.fullmatch(value):
                 raise ConfigError(
@@ -83,8 +97,21 @@ class Settings:
                 f"report_window_s {self.report_window_s} must be one of window_sizes_s "
                 f"{list(self.window_sizes_s)}"
             )
+        if self.window_retention_s < max(self.window_sizes_s) + self.window_grace_s:
+            raise ConfigError(
+                f"window_retention_s {self.window_retention_s} must be at least the largest "
+                f"window size plus the grace ({max(self.window_sizes_s) + self.window_grace_s}):"
+                " a window is kept until it has closed"
+            )
+        if not 0.0 <= self.sample_resolved_rate <= 1.0:
+            raise ConfigError(
+                f"sample_resolved_rate {self.sample_resolved_rate} must be between 0 and 1 "
+                "(a share of autonomous resolutions, e.g. 0.01)"
+            )
         if self.log_level not in ("crit", "error", "warn", "info", "debug"):
             raise ConfigError("log_level must be one of crit, error, warn, info, debug")
+        _positive(self, "broker_wait_s")
+        _check_security(self)
         return self
 
     def label_allow_lists(self) -> dict[str, frozenset[str]]:
@@ -130,6 +157,44 @@ def _positive(settings: Settings, *names: str) -> None:
     for name in names:
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name} must be > 0, got {getattr(settings, name)}")
+
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def _check_security(settings: Settings) -> None:
+    """Refuse half-configured security at start: a credential that would silently go
+    unused, or a SASL/TLS setup that can only fail later with a vaguer broker error."""
+    protocol = settings.security_protocol
+    if protocol not in SECURITY_PROTOCOLS:
+        raise ConfigError(f"ACSR_SECURITY_PROTOCOL={protocol!r} must be one of "
+                          f"{', '.join(SECURITY_PROTOCOLS)}")
+    if settings.sasl_mechanism not in SASL_MECHANISMS:
+        raise ConfigError(f"ACSR_SASL_MECHANISM={settings.sasl_mechanism!r} must be one of "
+                          f"{', '.join(SASL_MECHANISMS)}")
+    sasl = protocol.startswith("SASL_")
+    password_set = bool(settings.sasl_password or settings.sasl_password_file)
+    if sasl and not settings.sasl_username:
+        raise ConfigError(f"{protocol} needs ACSR_SASL_USERNAME")
+    if sasl and not password_set:
+        raise ConfigError(f"{protocol} needs ACSR_SASL_PASSWORD or ACSR_SASL_PASSWORD_FILE")
+    if settings.sasl_password and settings.sasl_password_file:
+        raise ConfigError("set ACSR_SASL_PASSWORD or ACSR_SASL_PASSWORD_FILE, not both")
+    if not sasl and (settings.sasl_username or password_set):
+        raise ConfigError(f"SASL credentials are set but ACSR_SECURITY_PROTOCOL is {protocol}: "
+                          "use SASL_PLAINTEXT or SASL_SSL")
+    tls_files = {"ssl_cafile": settings.ssl_cafile, "ssl_certfile": settings.ssl_certfile,
+                 "ssl_keyfile": settings.ssl_keyfile}
+    if protocol not in ("SSL", "SASL_SSL") and any(tls_files.values()):
+        raise ConfigError(f"TLS files are set but ACSR_SECURITY_PROTOCOL is {protocol}: "
+                          "use SSL or SASL_SSL")
+    if settings.ssl_keyfile and not settings.ssl_certfile:
+        raise ConfigError("ACSR_SSL_KEYFILE needs ACSR_SSL_CERTFILE (the client certificate)")
+    files = {**tls_files, "sasl_password_file": settings.sasl_password_file}
+    for name, path in files.items():
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            raise ConfigError(f"{env_name(name)}={path!r} is not a readable file")
 
 
 def _convert(name: str, kind: Any, raw: str) -> Any:

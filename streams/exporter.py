@@ -23,8 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from . import kpis
+from .annotations import priority
 from .events import EVENT_TYPES, INVALID_REASONS
 from .kpis import HISTOGRAM_BUCKETS, OUTCOMES, Aggregate
+from .windows import GAUGES, Cell, WindowKey, gauge_values, size_label
 
 disable_created_metrics()  # *_created samples say nothing here and double the exposition
 
@@ -77,8 +79,8 @@ _COUNTERS: tuple[tuple[str, str, str, tuple[str, ...], bool], ...] = (
      ("adopted",), False),
     ("acsr_knowledge_flags", "Knowledge flagged by kind.", kpis.KNOWLEDGE, ("kind",), False),
     ("acsr_fallback_responses", "Safe fallback answers sent.", kpis.FALLBACK, (), False),
-    ("acsr_annotation_routed", "Cases routed to the annotation queue, by reason.",
-     kpis.ANNOTATION, ("reason",), False),
+    ("acsr_annotation_routed", "Cases routed to the annotation queue, by reason and priority.",
+     kpis.ANNOTATION, ("reason", "priority"), False),
 )
 
 _HISTOGRAMS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
@@ -120,6 +122,8 @@ class WorkerView:
     recovering: Callable[[], bool] = lambda: False
     version: str = "0"
     app_id: str = ""
+    # Per partition: window cells held, and per size the latest closed window's cells.
+    windows: Callable[[], dict[int, tuple[int, dict[int, list[tuple[WindowKey, Cell]]]]]] = dict
 
 
 class KpiCollector(Collector):
@@ -136,12 +140,15 @@ class KpiCollector(Collector):
         yield from self._counters(series)
         yield from self._histograms(aggregates, series)
         yield from self._pipeline(aggregates)
+        yield from self._windows()
         yield from self._health(len(aggregates))
 
     def _bounded(self, name: str, labels: tuple[str, ...], extra: tuple[str, ...]
                  ) -> tuple[str, ...]:
         if name == kpis.ACTION:
             return (self.bounds.bound("action", labels[0]), labels[1])
+        if name == kpis.ANNOTATION:  # priority follows from the reason: no extra series
+            return (labels[0], str(priority(labels[0])))
         return labels[: len(extra)]
 
     def _counters(self, series: dict[int, _FigureIndex]) -> Iterator:
@@ -198,6 +205,36 @@ class KpiCollector(Collector):
         for partition, agg in aggregates.items():
             duplicates.add_metric((str(partition),), agg.pipeline.get((kpis.DUPLICATE, ""), 0))
         yield duplicates
+
+    def _windows(self) -> Iterator:
+        """Gauges of the latest closed event-time window of each size, per partition."""
+        labels = ("partition", "window", "intent", "agent_version")
+        families = {kind: GaugeMetricFamily(metric, help_text, labels=labels)
+                    for metric, help_text, kind in GAUGES}
+        ends = GaugeMetricFamily(
+            "acsr_window_end_timestamp_seconds",
+            "End (epoch seconds, event time) of the closed window the acsr_window_* gauges "
+            "show.", labels=labels)
+        held = GaugeMetricFamily("acsr_window_cells",
+                                 "Window cells held in the window tables, by partition.",
+                                 labels=("partition",))
+        for partition, (cells_held, latest) in sorted(self.view.windows().items()):
+            held.add_metric((str(partition),), cells_held)
+            for size, cells in latest.items():
+                groups: dict[tuple[str, str], list[Cell]] = {}
+                for key, cell in cells:
+                    group = (self.bounds.bound("intent", key.intent),
+                             self.bounds.bound("agent_version", key.agent_version))
+                    groups.setdefault(group, []).append(cell)
+                for group, members in sorted(groups.items()):
+                    label_values = (str(partition), size_label(size), *group)
+                    for kind, value in gauge_values(members).items():
+                        if value is not None:
+                            families[kind].add_metric(label_values, value)
+                    ends.add_metric(label_values, cells[0][0].end)
+        yield from families.values()
+        yield ends
+        yield held
 
     def _health(self, owned_partitions: int) -> Iterator:
         info = InfoMetricFamily("acsr_worker", "The worker's version and consumer group.")

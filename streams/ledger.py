@@ -50,9 +50,14 @@ PartitionTable = MutableMapping[int, bytes]
 class Ledger:
     """Applies events to the tables and keeps each owned partition's aggregate."""
 
-    def __init__(self, windows: WindowPolicy, retention_us: int) -> None:
+    def __init__(self, windows: WindowPolicy, retention_us: int, sample_rate: float = 0.0,
+                 fact_windows: bool = True) -> None:
         self.windows = windows
+        # Aggregates sum windows from case facts unless window tables hold them (the worker:
+        # streams/window_tables.py), which also drop them after their retention.
+        self.aggregate_window_sizes = windows.sizes_s if fact_windows else ()
         self.retention_us = retention_us
+        self.sample_rate = sample_rate
         self.aggregates: dict[int, Aggregate] = {}
         self.watermarks: dict[int, int] = {}
         self.case_keys: dict[int, set[str]] = {}
@@ -62,7 +67,7 @@ class Ledger:
     def aggregate(self, partition: int) -> Aggregate:
         agg = self.aggregates.get(partition)
         if agg is None:
-            agg = self.aggregates[partition] = Aggregate(window_sizes=self.windows.sizes_s)
+            agg = self.aggregates[partition] = self._empty()
         return agg
 
     # --- applying ---------------------------------------------------------------------
@@ -70,13 +75,24 @@ class Ledger:
     def apply_event(self, cases: CaseTable, event: Event, partition: int, offset: int
                     ) -> Step | None:
         """Apply a valid event; None when it is a redelivery of an applied one."""
+        step = self.plan_event(cases, event, partition, offset)
+        return None if step is None else self.commit_event(cases, event, partition, step)
+
+    def plan_event(self, cases: CaseTable, event: Event, partition: int, offset: int
+                   ) -> Step | None:
+        """The step a valid event makes, not yet written (None for a redelivery), so its
+        annotation items can be acknowledged before the case write."""
         self.positions[partition] = offset + 1
         raw = cases.get(event.case_id)
         state = CaseState.from_bytes(raw) if raw is not None else None
         if state is not None and state.offset >= offset:
             return None
-        step = apply_event(state, event, partition=partition, offset=offset,
-                           watermark_us=self.watermarks.get(partition), windows=self.windows)
+        return apply_event(state, event, partition=partition, offset=offset,
+                           watermark_us=self.watermarks.get(partition), windows=self.windows,
+                           sample_rate=self.sample_rate)
+
+    def commit_event(self, cases: CaseTable, event: Event, partition: int, step: Step) -> Step:
+        """Write a planned step: the event's whole effect, in one table write."""
         cases[event.case_id] = step.state.to_bytes()
         self._account(partition, event.case_id, step)
         if step.state.watermark_us is not None:
@@ -95,18 +111,24 @@ class Ledger:
         return step
 
     def apply_invalid(self, records: PartitionTable, partition: int, offset: int, reason: str,
-                      counter: str = kpis.INVALID) -> bool:
-        """Count an invalid (or unprocessable) message once; False when it is a redelivery."""
+                      counter: str = kpis.INVALID, dead_lettered: bool = True) -> bool:
+        """Count an invalid (or unprocessable) message once; False when it is a redelivery.
+
+        A message the dead-letter topic refused is also counted as such, in the same write,
+        so the count survives restarts and rebalances like every other figure.
+        """
         self.positions[partition] = offset + 1
         record = PartitionRecord.from_bytes(records.get(partition))
         if record.offset >= offset:
             return False
+        counters = (counter,) if dead_lettered else (counter, kpis.DEAD_LETTER_FAILED)
         archive = Aggregate.from_json(record.archive) if record.archive else self._empty()
-        archive.count(counter, reason)
+        for name in counters:
+            archive.count(name, reason)
+            self.aggregate(partition).count(name, reason)
         record.archive = archive.to_json()
         record.offset = offset
         records[partition] = record.to_bytes()
-        self.aggregate(partition).count(counter, reason)
         return True
 
     def _account(self, partition: int, case_id: str, step: Step) -> None:
@@ -116,7 +138,7 @@ class Ledger:
         self.case_keys.setdefault(partition, set()).add(case_id)
 
     def _empty(self) -> Aggregate:
-        return Aggregate(window_sizes=self.windows.sizes_s)
+        return Aggregate(window_sizes=self.aggregate_window_sizes)
 
     # --- expiry -----------------------------------------------------------------------
 

@@ -33,6 +33,9 @@ from .config import Settings
 from .events import message_key
 from .exporter import merge_expositions
 from .kpis import Aggregate, build_report
+from .security import kafka_client_kwargs
+
+REPLAY_WINDOW_RETENTION_S = 366 * 86_400
 
 
 class ReplayError(RuntimeError):
@@ -68,6 +71,7 @@ class WorkerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "streams.cli", "worker"],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # stopped in order by us, not by the terminal's Ctrl-C
         )
         log.close()
 
@@ -141,11 +145,13 @@ class Cluster:
 
 
 async def produce(bootstrap: str, topic: str, lines: list[bytes], tansu: bool,
-                  on_sent: Callable[[int], None] | None = None) -> dict[int, int]:
+                  on_sent: Callable[[int], None] | None = None,
+                  client: dict[str, Any] | None = None) -> dict[int, int]:
     """Send each line keyed by its `case_id`; return the end offset of every partition."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", enable_idempotence=not tansu,
         max_batch_size=ONE_RECORD_BATCH_BYTES if tansu else 16384, linger_ms=5,
+        **(client or {}),
     )
     await producer.start()
     ends: dict[int, int] = {}
@@ -172,9 +178,10 @@ def _record_ends(ends: dict[int, int], metadata: list[Any]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def group_offsets(bootstrap: str, group: str) -> AsyncIterator[AIOKafkaConsumer]:
+async def group_offsets(bootstrap: str, group: str, client: dict[str, Any] | None = None
+                        ) -> AsyncIterator[AIOKafkaConsumer]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
-                                enable_auto_commit=False)
+                                enable_auto_commit=False, **(client or {}))
     await consumer.start()
     try:
         yield consumer
@@ -201,7 +208,8 @@ async def wait_processed(cluster: Cluster, bootstrap: str, ends: dict[int, int],
     settings = cluster.settings
     total = sum(ends.values())
     last_done, last_change = -1, time.monotonic()
-    async with group_offsets(bootstrap, settings.app_id) as consumer:
+    async with group_offsets(bootstrap, settings.app_id,
+                             kafka_client_kwargs(settings)) as consumer:
         while True:
             cluster.check_alive()
             done_events = await committed(consumer, settings.events_topic, settings.partitions)
@@ -268,7 +276,7 @@ def isolated(settings: Settings, run: str) -> Settings:
     return settings.with_overrides(
         app_id=f"acsr-replay-{run}", events_topic=f"{prefix}.events",
         dlq_topic=f"{prefix}.events.dlq", links_topic=f"{prefix}.case-links",
-        annotation_topic=f"{prefix}.annotation.queue",
+        annotation_topic=f"{prefix}.annotation.queue", windows_topic=f"{prefix}.kpi.windows",
     )
 
 
@@ -277,7 +285,9 @@ async def create_topics(settings: Settings) -> None:
         settings.events_topic: settings.partitions,
         settings.links_topic: settings.partitions,
         settings.dlq_topic: settings.partitions,
-    }, settings.replication_factor)
+        settings.annotation_topic: settings.partitions,  # item partition = event partition
+        settings.windows_topic: settings.partitions,  # same rule for closed windows
+    }, settings.replication_factor, settings.broker_wait_s, kafka_client_kwargs(settings))
 
 
 @dataclass
@@ -307,6 +317,9 @@ async def run_replay(
     report_progress = progress or (lambda stage, done, total: None)
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="acsr-replay-"))
     run = uuid.uuid4().hex[:8]
+    # The report lists every window of the file: none may reach its retention meanwhile.
+    settings = settings.with_overrides(
+        window_retention_s=max(settings.window_retention_s, REPLAY_WINDOW_RETENTION_S))
     broker: EmbeddedBroker | None = None
     if start_broker:
         broker = EmbeddedBroker().start()
@@ -327,7 +340,7 @@ async def run_replay(
 
         t0 = time.monotonic()
         ends = await produce(settings.bootstrap_servers, settings.events_topic, lines,
-                             settings.tansu, on_sent)
+                             settings.tansu, on_sent, kafka_client_kwargs(settings))
         timings["produce_s"] = time.monotonic() - t0
         t0 = time.monotonic()
         await wait_processed(cluster, settings.bootstrap_servers, ends,

@@ -8,8 +8,8 @@ invalid and duplicate messages, so every KPI rule is exercised.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import orjson
 
@@ -18,7 +18,8 @@ CHANNELS = ("web", "email", "voice", "whatsapp")
 VERSIONS = ("v7", "v8")
 REASONS = ("low_confidence", "policy_ambiguity", "tool_failure", "customer_request",
            "negative_sentiment", "mystery_reason")
-START_MS = 1_795_352_400_000  # 2026-11-22T12:00:00Z
+START_MS = 1_795_352_400_000  # 2026-11-22T13:00:00Z
+T = TypeVar("T")
 
 
 def _case_events(rng: random.Random, case_id: str, start_ms: int, related: str | None
@@ -116,10 +117,19 @@ def generate(cases: int, seed: int = 7, invalid_share: float = 0.005,
             timeline.append((doc["ts"], order, orjson.dumps(doc)))
             order += 1
     timeline.sort()
-    for _, _, line in timeline:
+    for _, line, _ in with_noise(rng, ((None, line) for _, _, line in timeline),
+                                 invalid_share, duplicate_share):
+        yield line
+
+
+def with_noise(rng: random.Random, messages: Iterable[tuple[T, bytes]], invalid_share: float,
+               duplicate_share: float) -> Iterator[tuple[T, bytes, bool]]:
+    """The messages with what real producers also send: before a message, now and then an
+    invalid one (flagged True), or the same message once more (a redelivered duplicate)."""
+    for tag, line in messages:
         roll = rng.random()
         if roll < invalid_share:
-            yield rng.choice(INVALID_SAMPLES)
+            yield tag, rng.choice(INVALID_SAMPLES), True
         elif roll < invalid_share + duplicate_share:
-            yield line  # the same message twice: a duplicate by event_id
-        yield line
+            yield tag, line, False
+        yield tag, line, False

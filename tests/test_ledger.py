@@ -118,3 +118,17 @@ def test_sweeps_run_hourly_in_event_time_and_keep_recent_cases() -> None:
         ledger.maybe_expire(cases, records, 0)
     assert set(cases) == {"new"}
     assert _report(ledger)["events"]["valid"] == 2
+
+
+def test_a_refused_dead_letter_write_is_counted_once_and_survives_a_rebuild() -> None:
+    from streams import kpis
+
+    ledger, records = _ledger(), {}
+    assert ledger.apply_invalid(records, 0, 7, "too_large", dead_lettered=False)
+    assert not ledger.apply_invalid(records, 0, 7, "too_large", dead_lettered=False)
+    rebuilt = _ledger()
+    rebuilt.rebuild([], records.items(), {0})
+    for source in (ledger, rebuilt):
+        agg = source.aggregates[0]
+        assert agg.pipeline[(kpis.DEAD_LETTER_FAILED, "too_large")] == 1
+        assert agg.pipeline[(kpis.INVALID, "too_large")] == 1

@@ -3,31 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import signal
-import uuid
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from streams.config import Settings
-from streams.kpis import build_report
 from streams.replay import (
     Cluster,
-    committed,
     create_topics,
-    gather_aggregates,
-    group_offsets,
-    isolated,
     produce,
-    read_lines,
     run_replay,
     wait_processed,
 )
 from streams.traffic import generate
 
-from .conftest import BrokerInfo, report_mismatches
+from .cluster_helpers import run_settings, wait_committed
+from .conftest import BrokerInfo
 from .metrics_helpers import by_label, samples, total
 
 pytestmark = pytest.mark.integration
@@ -92,47 +83,6 @@ async def test_every_metric_total_matches_the_report(kafka: BrokerInfo, tmp_path
         events["valid"] + events["duplicate"]
 
 
-def _run_settings(kafka: BrokerInfo, **overrides: object) -> Settings:
-    return isolated(kafka.settings(partitions=4, **overrides), uuid.uuid4().hex[:8])
-
-
-async def _wait_committed(settings: Settings, share: float, total_lines: int,
-                          timeout_s: float = 120) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    async with group_offsets(settings.bootstrap_servers, settings.app_id) as consumer:
-        while True:
-            assert asyncio.get_running_loop().time() < deadline, "workers made no progress"
-            done = sum((await committed(consumer, settings.events_topic,
-                                        settings.partitions)).values())
-            if done >= share * total_lines:
-                return
-            await asyncio.sleep(0.1)
-
-
-@pytest.mark.faults
-async def test_a_worker_killed_mid_replay_and_restarted_leaves_figures_exact(
-    kafka: BrokerInfo, sample_events: Path, expected_report: Path, tmp_path: Path
-) -> None:
-    settings = _run_settings(kafka)
-    await create_topics(settings)
-    lines = read_lines(sample_events)
-    cluster = Cluster(settings, 2, tmp_path)
-    cluster.start()
-    try:
-        ends = await produce(settings.bootstrap_servers, settings.events_topic, lines,
-                             settings.tansu)
-        await _wait_committed(settings, 0.3, len(lines))
-        cluster.workers[0].signal(signal.SIGKILL)
-        cluster.workers[0].process.wait()
-        cluster.add_worker(2)
-        await wait_processed(cluster, settings.bootstrap_servers, ends, lambda done: None, 120)
-        report = build_report(await gather_aggregates(cluster, settings.partitions))
-    finally:
-        cluster.stop()
-    assert cluster.workers[0].process.returncode == -signal.SIGKILL
-    assert report_mismatches(json.loads(expected_report.read_text()), report) == []
-
-
 async def _scrape(session: aiohttp.ClientSession, url: str) -> str | None:
     try:
         async with session.get(f"{url}/metrics") as response:
@@ -152,7 +102,7 @@ async def _owns_partitions(session: aiohttp.ClientSession, url: str) -> bool:
 async def test_counters_never_jump_when_a_partition_moves(kafka: BrokerInfo, tmp_path: Path
                                                           ) -> None:
     """A second worker joins mid-stream: every series only grows, nothing is exposed twice."""
-    settings = _run_settings(kafka)
+    settings = run_settings(kafka)
     await create_topics(settings)
     lines = list(generate(600, seed=5, invalid_share=0, duplicate_share=0))
     first, rest = lines[: len(lines) // 3], lines[len(lines) // 3:]
@@ -163,7 +113,7 @@ async def test_counters_never_jump_when_a_partition_moves(kafka: BrokerInfo, tmp
     try:
         ends = await produce(settings.bootstrap_servers, settings.events_topic, first,
                              settings.tansu)
-        await _wait_committed(settings, 0.9, len(first))
+        await wait_committed(settings, 0.9, len(first))
         newcomer = cluster.add_worker(1)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
 

@@ -1,0 +1,136 @@
+"""Reading the annotation topic: end offsets from fetches, offset ranges, the resend tail.
+
+End offsets come from fetch responses (the high watermark), never from ListOffsets:
+the embedded broker (Tansu 0.6.0) answers ListOffsets "latest" wrongly after a
+multi-record batch, and the high watermark of a fetch is right on every broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from .annotations import HORIZON_HEADER, ItemError, ResendGuard, TailRecord, decode
+
+log = logging.getLogger("acsr_metrics")
+
+TAIL_CHUNK = 500  # records read per step back from the end of a partition
+POLL_MS = 200
+
+
+@contextlib.asynccontextmanager
+async def reader(bootstrap: str, group: str | None = None,
+                 client: Mapping[str, Any] | None = None) -> AsyncIterator[AIOKafkaConsumer]:
+    """A consumer for manual assignment (a group only to commit offsets, never to join);
+    `client` holds the security options (streams.security.kafka_client_kwargs)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+        auto_offset_reset="earliest", fetch_max_wait_ms=POLL_MS, request_timeout_ms=15_000,
+        **(client or {}),
+    )
+    try:
+        await consumer.start()
+    except BaseException:
+        await consumer.stop()  # releases what a failed start opened
+        raise
+    try:
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
+async def partition_count(consumer: AIOKafkaConsumer, topic: str) -> int:
+    """Partitions of `topic` (0 when the broker does not know it)."""
+    await consumer.topics()  # refreshes the metadata of every topic
+    return len(consumer.partitions_for_topic(topic) or ())
+
+
+async def high_watermarks(consumer: AIOKafkaConsumer, tps: list[TopicPartition],
+                          timeout_s: float = 30.0) -> dict[TopicPartition, int]:
+    """End offset of each partition, from a fetch response; the positions are left at the
+    start of each partition (reset by the caller)."""
+    consumer.assign(tps)
+    starts = await consumer.beginning_offsets(tps)
+    for tp in tps:
+        consumer.seek(tp, starts[tp])
+    deadline = time.monotonic() + timeout_s
+    found: dict[TopicPartition, int] = {}
+    while len(found) < len(tps):
+        if time.monotonic() > deadline:
+            missing = sorted(tp.partition for tp in tps if tp not in found)
+            raise TimeoutError(f"no fetch answer for partitions {missing} in {timeout_s:.0f}s")
+        pending = [tp for tp in tps if tp not in found]
+        await consumer.getmany(*pending, timeout_ms=POLL_MS, max_records=1)
+        for tp in pending:
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                found[tp] = highwater
+    return found
+
+
+async def read_range(consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int,
+                     timeout_s: float = 60.0) -> list[ConsumerRecord]:
+    """Records of one assigned partition with start <= offset < end, in offset order."""
+    consumer.seek(tp, start)
+    records: list[ConsumerRecord] = []
+    deadline = time.monotonic() + timeout_s
+    while await consumer.position(tp) < end:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{tp.topic}[{tp.partition}] stopped short of offset {end}")
+        batch = await consumer.getmany(tp, timeout_ms=POLL_MS)
+        records.extend(r for r in batch.get(tp, ()) if start <= r.offset < end)
+    return records
+
+
+def tail_record(record: ConsumerRecord) -> TailRecord | None:
+    """The guard's view of an item on the topic; None for a message that is no item."""
+    try:
+        item = decode(record.value)
+        horizon = int(dict(record.headers or ()).get(HORIZON_HEADER, b"-1"))
+        return TailRecord(item["case_id"], item["reason"], int(item["source"]["offset"]),
+                          horizon)
+    except (ItemError, ValueError, KeyError, TypeError):
+        return None
+
+
+async def load_guard(bootstrap: str, topic: str, partition: int, first_offset: int,
+                     client: Mapping[str, Any] | None = None, attempts: int = 5,
+                     parse: Callable[[ConsumerRecord], TailRecord | None] = tail_record
+                     ) -> ResendGuard:
+    """Read one annotation partition back from its end until the guard has all it needs.
+
+    `parse` reads a record as the guard sees it: another output topic sent under the same
+    rules (the windows topic, streams/window_tables.py) reuses the guard with its own."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await _scan_tail(bootstrap, TopicPartition(topic, partition), first_offset,
+                                    client, parse)
+        except Exception as err:
+            if attempt == attempts:
+                raise
+            log.warning("annotation tail scan of %s[%d] failed (attempt %d): %s",
+                        topic, partition, attempt, err)
+            await asyncio.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
+
+
+async def _scan_tail(bootstrap: str, tp: TopicPartition, first_offset: int,
+                     client: Mapping[str, Any] | None,
+                     parse: Callable[[ConsumerRecord], TailRecord | None]) -> ResendGuard:
+    guard = ResendGuard(first_offset)
+    async with reader(bootstrap, client=client) as consumer:
+        end = (await high_watermarks(consumer, [tp]))[tp]
+        begin = (await consumer.beginning_offsets([tp]))[tp]
+        while end > begin:
+            start = max(begin, end - TAIL_CHUNK)
+            chunk = [parse(r) for r in await read_range(consumer, tp, start, end)]
+            if guard.take(r for r in reversed(chunk) if r is not None):
+                break
+            end = start
+    return guard

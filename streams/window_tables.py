@@ -1,0 +1,265 @@
+"""Window cells in Faust tumbling windowed tables; closed windows published exactly once.
+
+One windowed table per size (`windows-<size>s`), keyed by (events partition, intent,
+agent_version) and the window, each value a `Cell` as JSON bytes. Every key is written
+only while an event of its own partition is processed, so every write lands on the
+changelog partition of that event, like the `cases` table. The rules (folding, closing,
+lateness, retention, the message) are in streams/windows.py; this module does the I/O:
+
+- **Folding**: an event's windowed facts are written to their cells, and the writes are
+  acknowledged by the broker *before* the case write that records the event. A
+  redelivered event whose case write landed is skipped whole (its cells landed before);
+  one whose case write was lost is folded again, and each cell's stored offset skips it
+  where the cell already holds it.
+- **Closing**: by the partition's event time (the ledger's watermark), never the wall
+  clock. Faust's own expiry (`expires=`) is wall-clock and also forgets keys recovered
+  from the changelog, so it is not used: windows are deleted here (tombstones) once the
+  partition's event time is `window_retention_s` past their end, recovered ones included.
+- **Emission**: a closed cell is sent to the windows topic (partition = events partition,
+  deterministic key), acknowledged, then marked emitted in its table. A crash between the
+  two is covered by the annotation queue's resend guard (streams/annotation_log.py): the
+  first time a session emits on a partition, it reads that windows partition back to the
+  first events offset it processed and does not send again what is already there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import faust
+import orjson
+from aiokafka import ConsumerRecord
+
+from .annotation_log import load_guard, partition_count, reader
+from .annotations import HORIZON_HEADER, ResendGuard, TailRecord
+from .broker import ensure_topics
+from .cases import Step, WindowPolicy
+from .config import Settings
+from .events import Event
+from .windows import (
+    SCHEMA_VERSION,
+    Cell,
+    PartitionWindows,
+    WindowKey,
+    WindowRules,
+    aggregate_rows,
+    closed_message,
+    encode,
+    message_key,
+)
+
+log = logging.getLogger("acsr_metrics")
+
+WINDOW_REASON = "window"  # the resend guard's second key part for window messages
+LatestClosed = dict[int, list[tuple[WindowKey, Cell]]]
+
+
+class WindowTopicError(RuntimeError):
+    """The windows topic cannot take every events partition's windows: stop the worker."""
+
+
+class AcknowledgedTable(faust.Table):
+    """A table whose changelog writes can be awaited until the broker acknowledged them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unacknowledged: list[Any] = []
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+        sent = super().send_changelog(*args, **kwargs)
+        self._unacknowledged.append(sent)
+        return sent
+
+    async def acknowledged(self) -> None:
+        """Wait for every write made since the last call."""
+        pending, self._unacknowledged = self._unacknowledged, []
+        for sent in pending:
+            await sent
+
+    def settle(self) -> None:
+        """Stop tracking writes already acknowledged (for writes nobody waits for)."""
+        self._unacknowledged = [sent for sent in self._unacknowledged if not sent.done()]
+
+
+def tail_record(record: ConsumerRecord) -> TailRecord | None:
+    """The resend guard's view of a window message (None for anything else)."""
+    try:
+        message = orjson.loads(record.value or b"")
+        if message.get("schema_version") != SCHEMA_VERSION:
+            return None
+        horizon = int(dict(record.headers or ()).get(HORIZON_HEADER, b"-1"))
+        return TailRecord(record.key.decode(), WINDOW_REASON,
+                          int(message["source"]["offset"]), horizon)
+    except (orjson.JSONDecodeError, AttributeError, ValueError, KeyError, TypeError):
+        return None
+
+
+class WindowTables:
+    """The windowed tables of one worker and the in-memory view of its owned partitions."""
+
+    def __init__(self, app: faust.App, settings: Settings, policy: WindowPolicy,
+                 watermark: Callable[[int], int | None],
+                 client: dict[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.rules = WindowRules(policy, settings.window_retention_s)
+        self.watermark = watermark  # the partition's event time (the ledger's)
+        self.client = client or {}
+        self.tables: dict[int, AcknowledgedTable] = {}
+        self.windowed: dict[int, Any] = {}
+        for size in policy.sizes_s:
+            table = AcknowledgedTable(
+                app, name=f"windows-{size}s", beacon=app.tables.beacon,
+                partitions=settings.partitions, value_type=bytes,
+                help=f"KPI cells of {size}-second event-time windows",
+                # Compacted only: windows are deleted here by event time (tombstones), and
+                # broker-side time retention could drop a window that is still open.
+                extra_topic_configs={"cleanup.policy": "compact"})
+            app.tables.add(table)
+            table.on_recover(self._recovered)
+            self.tables[size] = table
+            self.windowed[size] = table.tumbling(size)  # no `expires`: see the module doc
+        self.topic = app.topic(settings.windows_topic, partitions=settings.partitions,
+                               key_serializer="raw", value_serializer="raw")
+        self.partitions: dict[int, PartitionWindows] = {}
+        self.first_offsets: dict[int, int] = {}  # first events offset of this session
+        self.guards: dict[int, ResendGuard] = {}
+        self.resends_prevented = 0
+        self._topic_ready = False
+
+    # --- the view of owned partitions -------------------------------------------------
+
+    def build(self, partitions: set[int]) -> None:
+        """Load these partitions' cells from the (recovered) tables, once."""
+        unbuilt = partitions - self.partitions.keys()
+        if not unbuilt:
+            return
+        for partition in unbuilt:
+            self.partitions[partition] = PartitionWindows(partition, self.rules)
+        for size, table in self.tables.items():
+            for ((partition, intent, version), (start, _)), raw in table.items():
+                if partition in unbuilt:
+                    self.partitions[partition].load(
+                        WindowKey(size, int(start), intent, version), Cell.from_bytes(raw))
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Partitions revoked: their new owner loads them from its tables."""
+        for partition in partitions:
+            self.partitions.pop(partition, None)
+            self.first_offsets.pop(partition, None)
+            self.guards.pop(partition, None)
+
+    async def _recovered(self) -> None:
+        # Tables were recovered (start or rebalance): reload every view from them.
+        self.partitions.clear()
+
+    def rows(self, partition: int) -> list[list[Any]]:
+        """The partition's windows as `Aggregate.windows` JSON rows (for /kpis/)."""
+        windows = self.partitions.get(partition)
+        return aggregate_rows(windows.cells.items()) if windows is not None else []
+
+    def latest_closed(self, partitions: Iterable[int]) -> dict[int, tuple[int, LatestClosed]]:
+        """Per built partition: the number of cells held and the latest closed windows."""
+        out = {}
+        for partition in partitions:
+            windows = self.partitions.get(partition)
+            if windows is not None:
+                out[partition] = (len(windows),
+                                  windows.latest_closed(self.watermark(partition)))
+        return out
+
+    # --- processing -------------------------------------------------------------------
+
+    def _session(self, partition: int, offset: int) -> PartitionWindows:
+        # Below the first offset seen means a redelivery began (a rebalance seeks back to
+        # the committed offsets): the resend guard must be read again from there.
+        first = self.first_offsets.get(partition)
+        if first is None or offset < first:
+            self.first_offsets[partition] = offset
+            self.guards.pop(partition, None)
+        self.build({partition})
+        return self.partitions[partition]
+
+    async def fold(self, message: Any, event: Event, step: Step) -> None:
+        """Fold a planned event into its windows; call before its case write (see the
+        module doc), while the ledger's watermark is still the one before the event."""
+        windows = self._session(message.partition, message.offset)
+        late = self.rules.late_sizes(event.ts_us, self.watermark(message.partition))
+        changed = windows.fold(message.offset, event.ts_us, late, step.facts)
+        for key in changed:
+            self._write(message.partition, key, windows.cells[key])
+        if changed:
+            await self._acknowledged()
+
+    async def advance(self, message: Any) -> None:
+        """After an event (redelivered ones too): publish what closed, drop what expired."""
+        partition = message.partition
+        windows = self._session(partition, message.offset)
+        watermark = self.watermark(partition)
+        closing = windows.closing(watermark)
+        if closing:
+            await self._emit(message, windows, closing)
+        expiring = windows.expiring(watermark)
+        for key in expiring:
+            del self.windowed[key.size].relative_to(float(key.start))[
+                (partition, key.intent, key.agent_version)]
+        windows.drop(expiring)
+        # Emission marks and deletes need no wait: Faust commits this event's offset only
+        # once they reached the broker, and until then the resend guard covers a crash.
+        for table in self.tables.values():
+            table.settle()
+
+    async def _emit(self, message: Any, windows: PartitionWindows, closing: list[WindowKey]
+                    ) -> None:
+        partition = message.partition
+        guard = await self._guard(partition)
+        source = {"topic": message.topic, "partition": partition, "offset": message.offset}
+        headers = [(HORIZON_HEADER, str(guard.horizon).encode())]
+        acks = []
+        for key in closing:
+            wire_key = message_key(partition, key)
+            if guard.already_sent(wire_key.decode(), WINDOW_REASON):
+                self.resends_prevented += 1
+                continue
+            value = encode(closed_message(partition, key, windows.cells[key], source))
+            acks.append(await self.topic.send(key=wire_key, value=value, partition=partition,
+                                              headers=headers, force=True))
+        for ack in acks:
+            await ack
+        for key in closing:  # only once every message is acknowledged
+            self._write(partition, key, windows.mark_emitted(key))
+
+    async def _guard(self, partition: int) -> ResendGuard:
+        guard = self.guards.get(partition)
+        if guard is None:
+            await self._ensure_topic()
+            guard = self.guards[partition] = await load_guard(
+                self.settings.bootstrap_servers, self.settings.windows_topic, partition,
+                self.first_offsets[partition], self.client, parse=tail_record)
+        return guard
+
+    async def _ensure_topic(self) -> None:
+        if self._topic_ready:
+            return
+        settings = self.settings
+        await ensure_topics(settings.bootstrap_servers,
+                            {settings.windows_topic: settings.partitions},
+                            settings.replication_factor, client=self.client)
+        async with reader(settings.bootstrap_servers, client=self.client) as consumer:
+            have = await partition_count(consumer, settings.windows_topic)
+            need = await partition_count(consumer, settings.events_topic)
+        if have < need:
+            raise WindowTopicError(
+                f"windows topic {settings.windows_topic} has {have} partitions, fewer than "
+                f"the {need} of {settings.events_topic}: recreate it with {need}")
+        self._topic_ready = True
+
+    def _write(self, partition: int, key: WindowKey, cell: Cell) -> None:
+        # The window is chosen by the cell's own event time, never the message timestamp.
+        self.windowed[key.size].relative_to(float(key.start))[
+            (partition, key.intent, key.agent_version)] = cell.to_bytes()
+
+    async def _acknowledged(self) -> None:
+        for table in self.tables.values():
+            await table.acknowledged()

@@ -1,0 +1,342 @@
+"""Event-time tumbling windows: cells, closing, lateness, retention and the closed-window message.
+
+Pure (no Faust, no Kafka), so every rule unit-tests in milliseconds; streams/window_tables.py
+keeps the cells in Faust windowed tables and does the I/O.
+
+A *cell* is what one window holds for one (intent, agent_version) of one events partition.
+An event's windowed facts are folded into the cells of the windows holding the event's
+`ts` (one per size), unless that window had already closed when the event arrived (the
+late rule of `WindowPolicy`, the one the case state machine counts late events with).
+A window closes when its partition's event time passes its end plus the grace period,
+and is dropped once the partition's event time is the retention past its end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import orjson
+
+from . import kpis
+from .cases import SECOND_US, WindowPolicy
+from .events import format_ts
+from .kpis import Fact
+
+SCHEMA_VERSION = 1  # of the closed-window message; bump on any incompatible change
+FIGURES = frozenset({kpis.CONCLUDED, kpis.ESCALATION, kpis.AHT, kpis.POLICY_CHECK, kpis.CSAT})
+
+
+class WindowKey(NamedTuple):
+    """One window of one size, for one (intent, agent_version), within a partition."""
+
+    size: int  # seconds
+    start: int  # epoch seconds, aligned to the UTC epoch
+    intent: str
+    agent_version: str
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+def ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+@dataclass
+class Cell:
+    """The counters of one window and key, and the redelivery and emission marks."""
+
+    outcomes: dict[str, int] = field(default_factory=dict)  # conclusions by outcome
+    escalations: dict[str, int] = field(default_factory=dict)  # concluding, by reason
+    aht_count: int = 0
+    aht_sum: float = 0.0
+    checks: int = 0
+    passed: int = 0
+    csat_count: int = 0
+    csat_sum: float = 0.0
+    offset: int = -1  # last events offset folded in: a redelivered event is not folded twice
+    emitted: bool = False  # published to the windows topic
+
+    @property
+    def concluded(self) -> int:
+        return sum(self.outcomes.values())
+
+    @property
+    def autonomous(self) -> int:
+        return self.outcomes.get("autonomous", 0)
+
+    @property
+    def escalated(self) -> int:
+        return self.outcomes.get("escalated", 0)
+
+    def add(self, fact: Fact) -> None:
+        name = fact.name
+        if name == kpis.CONCLUDED:
+            self.outcomes[fact.labels[0]] = self.outcomes.get(fact.labels[0], 0) + 1
+        elif name == kpis.ESCALATION:
+            self.escalations[fact.labels[0]] = self.escalations.get(fact.labels[0], 0) + 1
+        elif name == kpis.AHT:
+            self.aht_count += 1
+            self.aht_sum += fact.value
+        elif name == kpis.POLICY_CHECK:
+            self.checks += 1
+            self.passed += fact.labels[0] == "passed"
+        elif name == kpis.CSAT:
+            self.csat_count += 1
+            self.csat_sum += fact.value
+
+    def figures(self) -> dict[str, Any]:
+        """Counters and the ratios derived from them (null when the denominator is 0)."""
+        return {
+            "cases_concluded": self.concluded,
+            "outcomes": dict(sorted(self.outcomes.items())),
+            "autonomous": self.autonomous,
+            "escalated": self.escalated,
+            "escalations_by_reason": dict(sorted(self.escalations.items())),
+            "arr": ratio(self.autonomous, self.concluded),
+            "aht_count": self.aht_count,
+            "aht_seconds_sum": self.aht_sum,
+            "aht_seconds_mean": ratio(self.aht_sum, self.aht_count),
+            "policy_checks": self.checks,
+            "policy_checks_passed": self.passed,
+            "compliance_score": ratio(self.passed, self.checks),
+            "csat_count": self.csat_count,
+            "csat_sum": self.csat_sum,
+            "csat_mean": ratio(self.csat_sum, self.csat_count),
+        }
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.__dict__)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Cell:
+        return cls(**orjson.loads(raw))
+
+
+@dataclass(frozen=True)
+class WindowRules:
+    """When a window takes an event, closes, and is dropped (all in event time)."""
+
+    policy: WindowPolicy
+    retention_s: int
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return self.policy.sizes_s
+
+    def late_sizes(self, ts_us: int, watermark_us: int | None) -> tuple[int, ...]:
+        """Sizes whose window holding `ts_us` was closed before the event arrived."""
+        return () if watermark_us is None else self.policy.late_sizes(ts_us, watermark_us)
+
+    def closes_after_us(self, size: int, start: int) -> int:
+        """The window is closed once the partition's event time is above this: exactly
+        when an event for it would be late (`WindowPolicy.late_sizes`)."""
+        return (start + size + self.policy.grace_s) * SECOND_US
+
+    def expires_at_us(self, size: int, start: int) -> int:
+        """The window is dropped once the partition's event time reaches this."""
+        return (start + size + self.retention_s) * SECOND_US
+
+
+def size_label(size: int) -> str:
+    """The `window` label value: the size in seconds, as `acsr_events_late_total` has it."""
+    return str(size)
+
+
+class PartitionWindows:
+    """The window cells of one events partition, and which windows are still open."""
+
+    def __init__(self, partition: int, rules: WindowRules) -> None:
+        self.partition = partition
+        self.rules = rules
+        self.cells: dict[WindowKey, Cell] = {}
+        self._members: dict[tuple[int, int], set[WindowKey]] = {}  # (size, start) -> keys
+        self._open: set[tuple[int, int]] = set()  # windows with a cell not emitted yet
+        self._next_expiry_us: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def load(self, key: WindowKey, cell: Cell) -> None:
+        """Take a cell as recovered from a table."""
+        self.cells[key] = cell
+        window = (key.size, key.start)
+        self._members.setdefault(window, set()).add(key)
+        if not cell.emitted:
+            self._open.add(window)
+        expiry = self.rules.expires_at_us(*window)
+        if self._next_expiry_us is None or expiry < self._next_expiry_us:
+            self._next_expiry_us = expiry
+
+    def fold(self, offset: int, ts_us: int, late: tuple[int, ...], facts: Iterable[Fact]
+             ) -> list[WindowKey]:
+        """Fold one event's facts into its windows; the keys whose cell changed.
+
+        A cell that already holds `offset` (a redelivery after a crash) is left alone."""
+        changed: dict[WindowKey, Cell] = {}
+        for fact in facts:
+            if fact.name not in FIGURES:
+                continue
+            for size in self.rules.sizes:
+                if size in late:
+                    continue
+                key = WindowKey(size, kpis.window_start(ts_us, size), fact.dims[0], fact.dims[2])
+                cell = changed.get(key) or self.cells.get(key)
+                if cell is None:
+                    cell = Cell()
+                    self.load(key, cell)
+                elif key not in changed and cell.offset >= offset:
+                    continue
+                cell.add(fact)
+                cell.offset = offset
+                changed[key] = cell
+        return list(changed)
+
+    def closing(self, watermark_us: int | None) -> list[WindowKey]:
+        """Cells of closed windows not emitted yet, in window end order."""
+        if watermark_us is None:
+            return []
+        due = [w for w in self._open if watermark_us > self.rules.closes_after_us(*w)]
+        keys = [key for window in due for key in self._members[window]
+                if not self.cells[key].emitted]
+        return sorted(keys, key=lambda k: (k.end, k.size, k.intent, k.agent_version))
+
+    def mark_emitted(self, key: WindowKey) -> Cell:
+        cell = self.cells[key]
+        cell.emitted = True
+        window = (key.size, key.start)
+        if all(self.cells[k].emitted for k in self._members[window]):
+            self._open.discard(window)
+        return cell
+
+    def expiring(self, watermark_us: int | None) -> list[WindowKey]:
+        """Cells of windows past the retention (dropped from the table by the caller)."""
+        if watermark_us is None or self._next_expiry_us is None \
+                or watermark_us < self._next_expiry_us:
+            return []
+        expired = [w for w in self._members if watermark_us >= self.rules.expires_at_us(*w)]
+        return sorted(key for window in expired for key in self._members[window])
+
+    def drop(self, keys: Iterable[WindowKey]) -> None:
+        for key in keys:
+            self.cells.pop(key, None)
+            window = (key.size, key.start)
+            members = self._members.get(window)
+            if members is not None:
+                members.discard(key)
+                if not members:
+                    del self._members[window]
+                    self._open.discard(window)
+        self._next_expiry_us = min(
+            (self.rules.expires_at_us(*w) for w in self._members), default=None)
+
+    def latest_closed(self, watermark_us: int | None) -> dict[int, list[tuple[WindowKey, Cell]]]:
+        """Per size, the cells of the latest closed window that holds any."""
+        if watermark_us is None:
+            return {}
+        latest: dict[int, int] = {}
+        for size, start in self._members:
+            if watermark_us > self.rules.closes_after_us(size, start) \
+                    and start > latest.get(size, -1):
+                latest[size] = start
+        return {size: sorted((key, self.cells[key]) for key in self._members[(size, start)])
+                for size, start in sorted(latest.items())}
+
+
+# --- what leaves the processor -----------------------------------------------------------
+
+
+def message_key(partition: int, key: WindowKey) -> bytes:
+    """The same bytes for the same window and key, whoever emits it: a JSON array (never
+    ambiguous, whatever characters an intent or agent version holds)."""
+    return orjson.dumps([key.size, format_ts(key.start * SECOND_US), partition, key.intent,
+                         key.agent_version])
+
+
+def closed_message(partition: int, key: WindowKey, cell: Cell, source: dict[str, Any]
+                   ) -> dict[str, Any]:
+    """The closed-window message (schema version 1, see docs/kpis.md), for a warehouse."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "window_seconds": key.size,
+        "start": format_ts(key.start * SECOND_US),
+        "end": format_ts(key.end * SECOND_US),
+        "partition": partition,
+        "intent": key.intent,
+        "agent_version": key.agent_version,
+        **cell.figures(),
+        "source": source,
+    }
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return orjson.dumps(message, option=orjson.OPT_SORT_KEYS)
+
+
+def aggregate_rows(cells: Iterable[tuple[WindowKey, Cell]]) -> list[list[Any]]:
+    """Cells as `Aggregate.windows` JSON rows ([size, start, figure, labels, count, sum]),
+    summed over intent and agent version: the replay report reads these."""
+    sums: dict[tuple[int, int, str, tuple[str, ...]], list[float]] = {}
+
+    def add(key: WindowKey, name: str, labels: tuple[str, ...], count: int, total: float
+            ) -> None:
+        if count:
+            cell = sums.setdefault((key.size, key.start, name, labels), [0, 0.0])
+            cell[0] += count
+            cell[1] += total
+
+    for key, cell in cells:
+        for outcome, n in cell.outcomes.items():
+            add(key, kpis.CONCLUDED, (outcome,), n, n)
+        for reason, n in cell.escalations.items():
+            add(key, kpis.ESCALATION, (reason,), n, n)
+        add(key, kpis.AHT, (), cell.aht_count, cell.aht_sum)
+        add(key, kpis.POLICY_CHECK, ("passed",), cell.passed, cell.passed)
+        add(key, kpis.POLICY_CHECK, ("failed",), cell.checks - cell.passed,
+            cell.checks - cell.passed)
+        add(key, kpis.CSAT, (), cell.csat_count, cell.csat_sum)
+    return [[size, start, name, list(labels), count, total]
+            for (size, start, name, labels), (count, total) in sorted(sums.items())]
+
+
+# Gauges of the latest closed window: (metric, help, value of summed components or None).
+GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("acsr_window_compliance_ratio", "Policy checks passed / checks in the latest closed "
+     "window (event time).", "compliance"),
+    ("acsr_window_arr_ratio", "Autonomous / concluded cases in the latest closed window.", "arr"),
+    ("acsr_window_aht_seconds", "Mean handling time of the latest closed window's autonomous "
+     "conclusions.", "aht"),
+    ("acsr_window_policy_checks", "Policy checks in the latest closed window.", "checks"),
+    ("acsr_window_policy_checks_passed", "Policy checks passed in the latest closed window.",
+     "passed"),
+    ("acsr_window_cases_concluded", "Cases concluded in the latest closed window.", "concluded"),
+    ("acsr_window_cases_autonomous", "Autonomous resolutions in the latest closed window.",
+     "autonomous"),
+    ("acsr_window_handling_seconds", "Sum of handling times of the latest closed window's "
+     "autonomous conclusions (AHT = this / cases autonomous).", "aht_sum"),
+)
+
+
+def gauge_values(cells: Iterable[Cell]) -> dict[str, float | None]:
+    """The gauges of one label set: components summed, ratios from the sums."""
+    total = Cell()
+    for cell in cells:
+        for outcome, n in cell.outcomes.items():
+            total.outcomes[outcome] = total.outcomes.get(outcome, 0) + n
+        total.aht_count += cell.aht_count
+        total.aht_sum += cell.aht_sum
+        total.checks += cell.checks
+        total.passed += cell.passed
+    return {
+        "compliance": ratio(total.passed, total.checks),
+        "arr": ratio(total.autonomous, total.concluded),
+        "aht": ratio(total.aht_sum, total.aht_count),
+        "checks": total.checks,
+        "passed": total.passed,
+        "concluded": total.concluded,
+        "autonomous": total.autonomous,
+        "aht_sum": total.aht_sum,
+    }

@@ -1,0 +1,66 @@
+"""Running worker clusters in tests: isolated settings, waiting for progress, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from streams.config import Settings
+from streams.replay import WorkerProcess, committed, group_offsets, isolated, produce
+
+from .conftest import BrokerInfo
+
+
+def run_settings(kafka: BrokerInfo, partitions: int = 4, **overrides: Any) -> Settings:
+    """Settings of a run of its own: topics and consumer group named for it alone."""
+    return isolated(kafka.settings(partitions=partitions, **overrides), uuid.uuid4().hex[:8])
+
+
+async def wait_committed(settings: Settings, share: float, total_lines: int,
+                         timeout_s: float = 120) -> None:
+    """Return once the group has committed `share` of `total_lines` events."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    async with group_offsets(settings.bootstrap_servers, settings.app_id) as consumer:
+        while True:
+            assert asyncio.get_running_loop().time() < deadline, "workers made no progress"
+            done = sum((await committed(consumer, settings.events_topic,
+                                        settings.partitions)).values())
+            if done >= share * total_lines:
+                return
+            await asyncio.sleep(0.1)
+
+
+async def produce_paced(settings: Settings, lines: list[bytes], rate: float,
+                        ends: dict[int, int], slice_s: float = 0.5) -> None:
+    """Produce `lines` at about `rate` per second, one `produce` call per `slice_s` slice;
+    `ends` gets each partition's end offset."""
+    loop = asyncio.get_running_loop()
+    per_slice = max(1, round(rate * slice_s))
+    next_slice = loop.time()
+    for start in range(0, len(lines), per_slice):
+        sent = await produce(settings.bootstrap_servers, settings.events_topic,
+                             lines[start:start + per_slice], settings.tansu)
+        for partition, end in sent.items():
+            ends[partition] = max(ends.get(partition, 0), end)
+        next_slice += slice_s
+        await asyncio.sleep(max(0.0, next_slice - loop.time()))
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process (VmRSS), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+async def worker_metrics(worker: WorkerProcess, timeout_s: float = 5.0) -> str:
+    """One worker's /metrics page."""
+    async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+                session.get(f"{worker.url}/metrics") as response):
+        assert response.status == 200, f"/metrics answered {response.status}"
+        return await response.text()
