@@ -17,8 +17,13 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from .annotations import HORIZON_HEADER, ItemError, ResendGuard, TailRecord, decode
+from .broker import ensure_topics
 
 log = logging.getLogger("acsr_metrics")
+
+class OutputTopicError(RuntimeError):
+    """An output topic cannot take every events partition's records: stop the worker."""
+
 
 TAIL_CHUNK = 500  # records read per step back from the end of a partition
 POLL_MS = 200
@@ -134,3 +139,18 @@ async def _scan_tail(bootstrap: str, tp: TopicPartition, first_offset: int,
                 break
             end = start
     return guard
+
+
+async def ensure_copartitioned(settings: Any, topic: str,
+                               client: Mapping[str, Any] | None = None) -> None:
+    """Create `topic` if missing and check it has a partition for each events partition:
+    records of events partition p go to its partition p (the resend tail relies on it)."""
+    await ensure_topics(settings.bootstrap_servers, {topic: settings.partitions},
+                        settings.replication_factor, client=client)
+    async with reader(settings.bootstrap_servers, client=client) as consumer:
+        have = await partition_count(consumer, topic)
+        need = await partition_count(consumer, settings.events_topic)
+    if have < need:
+        raise OutputTopicError(
+            f"topic {topic} has {have} partitions, fewer than the {need} of "
+            f"{settings.events_topic}: recreate it with {need}")

@@ -20,9 +20,9 @@ from faust.web import Request, Response, View
 from prometheus_client import Counter, generate_latest
 
 from . import __version__, kpis
-from .annotation_log import load_guard, partition_count, reader
+from .annotation_log import OutputTopicError, ensure_copartitioned, load_guard
 from .annotations import HORIZON_HEADER, ResendGuard, Source, build_item, encode
-from .broker import ONE_RECORD_BATCH_BYTES, ensure_topics
+from .broker import ONE_RECORD_BATCH_BYTES
 from .cases import SECOND_US, Step, WindowPolicy, related_case
 from .config import Settings
 from .events import InvalidEvent, parse_event
@@ -35,7 +35,7 @@ from .faust_fixes import (
 )
 from .ledger import Ledger
 from .security import faust_credentials, kafka_client_kwargs
-from .window_tables import WindowTables, WindowTopicError
+from .window_tables import WindowTables
 
 log = logging.getLogger("acsr_metrics")
 
@@ -51,10 +51,6 @@ TANSU_REQUEST_TIMEOUT_S = 10.0
 
 class BrokerStateLost(RuntimeError):
     """The broker lost offsets this worker committed, and with them its log: stop."""
-
-
-class AnnotationTopicError(RuntimeError):
-    """The annotation topic cannot take every events partition's items: stop the worker."""
 
 
 def build_app(settings: Settings) -> faust.App:
@@ -159,20 +155,9 @@ def build_app(settings: Settings) -> faust.App:
         window_tables.build(partitions)
 
     async def ensure_annotation_topic() -> None:
-        if annotation_topic_ready.is_set():
-            return
-        await ensure_topics(settings.bootstrap_servers,
-                            {settings.annotation_topic: settings.partitions},
-                            settings.replication_factor, client=client_options)
-        async with reader(settings.bootstrap_servers, client=client_options) as consumer:
-            have = await partition_count(consumer, settings.annotation_topic)
-            need = await partition_count(consumer, settings.events_topic)
-        if have < need:
-            raise AnnotationTopicError(
-                f"annotation topic {settings.annotation_topic} has {have} partitions, fewer "
-                f"than the {need} of {settings.events_topic}: recreate it with {need}"
-            )
-        annotation_topic_ready.set()
+        if not annotation_topic_ready.is_set():
+            await ensure_copartitioned(settings, settings.annotation_topic, client_options)
+            annotation_topic_ready.set()
 
     async def resend_guard(partition: int, offset: int) -> ResendGuard:
         # The first event a worker processes on a partition (after a start or a rebalance)
@@ -235,7 +220,7 @@ def build_app(settings: Settings) -> faust.App:
         async for event in stream.events():
             try:
                 await process(event.message)
-            except (AnnotationTopicError, WindowTopicError) as err:
+            except OutputTopicError as err:
                 log.critical("%s", err)
                 await app.crash(err)
                 raise

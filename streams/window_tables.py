@@ -32,9 +32,8 @@ import faust
 import orjson
 from aiokafka import ConsumerRecord
 
-from .annotation_log import load_guard, partition_count, reader
+from .annotation_log import ensure_copartitioned, load_guard
 from .annotations import HORIZON_HEADER, ResendGuard, TailRecord
-from .broker import ensure_topics
 from .cases import Step, WindowPolicy
 from .config import Settings
 from .events import Event
@@ -54,10 +53,6 @@ log = logging.getLogger("acsr_metrics")
 
 WINDOW_REASON = "window"  # the resend guard's second key part for window messages
 LatestClosed = dict[int, list[tuple[WindowKey, Cell]]]
-
-
-class WindowTopicError(RuntimeError):
-    """The windows topic cannot take every events partition's windows: stop the worker."""
 
 
 class AcknowledgedTable(faust.Table):
@@ -240,20 +235,9 @@ class WindowTables:
         return guard
 
     async def _ensure_topic(self) -> None:
-        if self._topic_ready:
-            return
-        settings = self.settings
-        await ensure_topics(settings.bootstrap_servers,
-                            {settings.windows_topic: settings.partitions},
-                            settings.replication_factor, client=self.client)
-        async with reader(settings.bootstrap_servers, client=self.client) as consumer:
-            have = await partition_count(consumer, settings.windows_topic)
-            need = await partition_count(consumer, settings.events_topic)
-        if have < need:
-            raise WindowTopicError(
-                f"windows topic {settings.windows_topic} has {have} partitions, fewer than "
-                f"the {need} of {settings.events_topic}: recreate it with {need}")
-        self._topic_ready = True
+        if not self._topic_ready:
+            await ensure_copartitioned(self.settings, self.settings.windows_topic, self.client)
+            self._topic_ready = True
 
     def _write(self, partition: int, key: WindowKey, cell: Cell) -> None:
         # The window is chosen by the cell's own event time, never the message timestamp.

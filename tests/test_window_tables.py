@@ -22,10 +22,8 @@ from streams.publisher import producer_options
 from streams.replay import (
     Cluster,
     WorkerProcess,
-    committed,
     create_topics,
     gather_aggregates,
-    group_offsets,
     isolated,
     produce,
     read_lines,
@@ -33,6 +31,7 @@ from streams.replay import (
 )
 from streams.windows import WindowRules, closed_message, encode, message_key
 
+from .cluster_helpers import wait_committed
 from .conftest import BrokerInfo, report_mismatches
 from .metrics_helpers import total
 from .test_windows import HOUR_MS, MIN_MS, Driver, ev, late_lines
@@ -182,17 +181,6 @@ async def test_a_window_already_on_the_topic_is_not_published_again(
     assert {k: _figures(m) for k, m in published} == _expected(offline)
 
 
-async def _wait_committed(settings: Settings, share: float, lines: int) -> None:
-    async with group_offsets(settings.bootstrap_servers, settings.app_id) as consumer:
-        for _ in range(600):
-            done = sum((await committed(consumer, settings.events_topic,
-                                        settings.partitions)).values())
-            if done >= share * lines:
-                return
-            await asyncio.sleep(0.1)
-    raise AssertionError("the worker made no progress")
-
-
 async def test_a_worker_killed_mid_replay_recovers_its_windows_and_emits_each_once(
     kafka: BrokerInfo, sample_events: Path, expected_report: Path, tmp_path: Path
 ) -> None:
@@ -205,7 +193,7 @@ async def test_a_worker_killed_mid_replay_recovers_its_windows_and_emits_each_on
     try:
         ends = await produce(settings.bootstrap_servers, settings.events_topic, lines,
                              settings.tansu)
-        await _wait_committed(settings, 0.4, len(lines))
+        await wait_committed(settings, 0.4, len(lines))
         cluster.workers[0].signal(signal.SIGKILL)
         cluster.workers[0].process.wait()
         cluster.add_worker(1)
