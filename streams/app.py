@@ -28,6 +28,7 @@ from .config import Settings
 from .events import InvalidEvent, parse_event
 from .exporter import LabelBounds, WorkerView, build_registry
 from .faust_fixes import (
+    commit_only_contiguous,
     complete_flushes,
     keep_seeks_over_stale_reads,
     seek_uncommitted_to_beginning,
@@ -47,6 +48,8 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
 
 
 TANSU_REQUEST_TIMEOUT_S = 10.0
+DELIVERY_CHECK_S = 1.0
+STALLED_DELIVERY_S = 5.0  # a due record held by the broker that long is fetched again
 
 
 class BrokerStateLost(RuntimeError):
@@ -86,7 +89,10 @@ def build_app(settings: Settings) -> faust.App:
     )
     complete_flushes(app.producer)  # offsets are committed only after every table write
     seek_uncommitted_to_beginning(app.consumer)  # no record skipped after a rebalance
-    keep_seeks_over_stale_reads(app.consumer)  # nor records re-fetched after one
+    # nor records re-fetched after one; agents check each record's order with `deliveries`
+    deliveries = keep_seeks_over_stale_reads(
+        app.consumer, {settings.events_topic, settings.links_topic})
+    commit_only_contiguous(app.consumer)  # a commit never passes an unprocessed record
 
     async def stop_on_lost_offsets(lost: list[Any]) -> None:
         err = BrokerStateLost(
@@ -218,6 +224,8 @@ def build_app(settings: Settings) -> faust.App:
     @app.agent(events_topic)
     async def process_events(stream: faust.StreamT) -> None:
         async for event in stream.events():
+            if not await deliveries.in_order(event.message):
+                continue  # records before it were lost on the way: it comes again after them
             try:
                 await process(event.message)
             except OutputTopicError as err:
@@ -238,6 +246,8 @@ def build_app(settings: Settings) -> faust.App:
     @app.agent(links_topic)
     async def apply_links(stream: faust.StreamT) -> None:
         async for event in stream.events():
+            if not await deliveries.in_order(event.message):
+                continue
             ensure_built({event.message.partition})
             try:
                 link = orjson.loads(event.message.value)
@@ -255,6 +265,13 @@ def build_app(settings: Settings) -> faust.App:
 
     def recovering() -> bool:
         return not app.tables.recovery.completed.is_set()
+
+    @app.timer(interval=DELIVERY_CHECK_S)
+    async def refetch_stalled_partitions() -> None:
+        # A record lost on its way to an agent with none after it would stall its
+        # partition's commits for good (streams/faust_fixes.py, Deliveries).
+        if not recovering():
+            await deliveries.refetch_stalled(STALLED_DELIVERY_S)
 
     def consumer_lag() -> dict[int, int]:
         lag = {}
