@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast test-faults lint demo dashboards clean
+.PHONY: install test test-fast test-faults lint demo bench dashboards clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ dashboards: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/acsr-metrics demo
+
+bench: $(STAMP)
+	$(BIN)/acsr-metrics bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

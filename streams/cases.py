@@ -16,6 +16,7 @@ from . import kpis
 from .annotations import RANDOM_SAMPLE, CaseView, sampled
 from .events import DIMENSIONS, Event, format_ts, normalise_reason
 from .kpis import UNKNOWN, Fact
+from .state_bytes import dump_state
 
 DAY_US = 86_400_000_000
 SECOND_US = 1_000_000
@@ -66,7 +67,7 @@ class CaseState:
     def to_bytes(self) -> bytes:
         doc = {name: getattr(self, name) for name in self.__dataclass_fields__}
         doc["facts"] = [fact.to_json() for fact in self.facts]
-        return orjson.dumps(doc)
+        return dump_state(doc)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> CaseState:

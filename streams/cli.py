@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .bench import add_parser as add_bench_parser
+from .bench import run_bench_command
 from .broker import BrokerUnavailable, ensure_topics
 from .config import ConfigError, Settings, from_env
 from .demo import add_demo_arguments, run_demo_command
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(demo)
 
     add_simulate_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 
@@ -163,13 +166,15 @@ def main(argv: list[str] | None = None) -> int:
             return run_replay_command(args, _settings(args, replay_base))
         if args.command == "export-queue":
             return run_export_command(args, base)
+        if args.command == "bench":
+            return run_bench_command(args, base)
     except ConfigError as err:
         print(f"acsr-metrics: configuration error: {err}", file=sys.stderr)
         return 2
     except BrokerUnavailable as err:
         print(f"acsr-metrics: broker unavailable: {err}", file=sys.stderr)
         return 3
-    except ReplayError as err:  # the workers could not finish (replay, demo)
+    except ReplayError as err:  # the workers could not finish (replay, demo, bench)
         print(f"acsr-metrics: {args.command} failed: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

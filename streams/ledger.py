@@ -22,6 +22,7 @@ from . import kpis
 from .cases import SECOND_US, CaseState, Step, WindowPolicy, apply_event, apply_link
 from .events import Event
 from .kpis import Aggregate
+from .state_bytes import dump_state
 
 SWEEP_EVERY_US = 3600 * SECOND_US
 
@@ -36,7 +37,7 @@ class PartitionRecord:
     folded: list[str] = field(default_factory=list)  # archived cases whose delete may be pending
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(self.__dict__)
+        return dump_state(self.__dict__)
 
     @classmethod
     def from_bytes(cls, raw: bytes | None) -> PartitionRecord:

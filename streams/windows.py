@@ -23,6 +23,7 @@ from . import kpis
 from .cases import SECOND_US, WindowPolicy
 from .events import format_ts
 from .kpis import Fact
+from .state_bytes import dump_state
 
 SCHEMA_VERSION = 1  # of the closed-window message; bump on any incompatible change
 FIGURES = frozenset({kpis.CONCLUDED, kpis.ESCALATION, kpis.AHT, kpis.POLICY_CHECK, kpis.CSAT})
@@ -109,7 +110,7 @@ class Cell:
         }
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(self.__dict__)
+        return dump_state(self.__dict__)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Cell:
