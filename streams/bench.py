@@ -336,17 +336,6 @@ def is_ready(text: str, partitions: int) -> bool:
             and sums["acsr_table_recovery_in_progress"] == 0)
 
 
-def proc_status_kb(text: str) -> dict[str, int]:
-    """`/proc/<pid>/status` memory lines (VmRSS, VmHWM, ...) in kB."""
-    out = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        parts = value.split()
-        if name.startswith("Vm") and len(parts) == 2 and parts[1] == "kB":
-            out[name] = int(parts[0])
-    return out
-
-
 def format_table(results: dict[str, Any]) -> str:
     """The summary table printed before the last line."""
     throughput = results["throughput"]
@@ -411,18 +400,6 @@ def open_case_events(count: int, run: str) -> list[bytes]:
         "case_opened", f"bench-{run}-{index:07d}", event_id=f"bench-{run}-{index:07d}.1",
         ts=START_MS + index, channel="web", agent_version="v7",
         customer_id=f"cust-{index:07d}")) for index in range(count)]
-
-
-def read_status(pid: int) -> dict[str, int]:
-    try:
-        return proc_status_kb(Path(f"/proc/{pid}/status").read_text())
-    except OSError:
-        return {}
-
-
-def _pid(worker: WorkerProcess) -> int:
-    assert worker.process is not None, "the worker was not started"
-    return worker.process.pid
 
 
 class Progress:
@@ -557,7 +534,7 @@ async def worker_throughput(settings: Settings, ends: dict[int, int], log_dir: P
                 count = processed_count(text) if text is not None else 0
                 if done > 0 or count > 0:
                     t0, processed_at_t0 = polled, max(done, count)
-            status = read_status(_pid(worker))
+            status = worker.memory_kb()
             rss_max_kb = max(rss_max_kb, status.get("VmRSS", 0))
             if done >= total:
                 finished = time.monotonic()
@@ -571,7 +548,7 @@ async def worker_throughput(settings: Settings, ends: dict[int, int], log_dir: P
             if progress.due():
                 say(f"bench: {label}: {_throughput_progress(done, total, t0, processed_at_t0)}")
             await asyncio.sleep(max(0.0, polled + POLL_S - time.monotonic()))
-        peak_kb = read_status(_pid(worker)).get("VmHWM", 0)
+        peak_kb = worker.memory_kb().get("VmHWM", 0)
     assert t0 is not None  # done >= total > 0 sets it
     seconds = finished - t0
     return {"events": total, "events_after_t0": total - processed_at_t0, "seconds": seconds,
@@ -688,9 +665,9 @@ async def measure_memory(settings: Settings, cases: int, run: str, log_dir: Path
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session):
         await wait_ready(cluster, worker, session, settings.partitions, stall_s)
         await open_cases(lines[:warm], 0)
-        before = read_status(_pid(worker))
+        before = worker.memory_kb()
         await open_cases(lines[warm:], warm)
-        after = read_status(_pid(worker))
+        after = worker.memory_kb()
     before_mb, after_mb = before.get("VmRSS", 0) / 1024, after.get("VmRSS", 0) / 1024
     return {"open_cases": cases, "warmup_cases": warm, "rss_before_mb": before_mb,
             "rss_after_mb": after_mb, "peak_rss_mb": after.get("VmHWM", 0) / 1024,

@@ -51,6 +51,17 @@ def read_lines(path: Path) -> list[bytes]:
         raise ReplayError(f"cannot read {path}: {err.strerror}") from None
 
 
+def proc_status_kb(text: str) -> dict[str, int]:
+    """The memory lines (VmRSS, VmHWM, ...) of a `/proc/<pid>/status`, in kB."""
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        parts = value.split()
+        if name.startswith("Vm") and len(parts) == 2 and parts[1] == "kB":
+            out[name] = int(parts[0])
+    return out
+
+
 @dataclass
 class WorkerProcess:
     """One `acsr-metrics worker` subprocess with its own web port and log file."""
@@ -92,6 +103,15 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+    def memory_kb(self) -> dict[str, int]:
+        """Its memory lines of /proc/<pid>/status (VmRSS, VmHWM, ...); empty once gone."""
+        if self.process is None:
+            return {}
+        try:
+            return proc_status_kb(Path(f"/proc/{self.process.pid}/status").read_text())
+        except OSError:
+            return {}
 
     def log_tail(self, lines: int = 15) -> str:
         try:

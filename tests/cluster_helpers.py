@@ -10,7 +10,14 @@ from typing import Any
 import aiohttp
 
 from streams.config import Settings
-from streams.replay import WorkerProcess, committed, group_offsets, isolated, produce
+from streams.replay import (
+    WorkerProcess,
+    committed,
+    group_offsets,
+    isolated,
+    proc_status_kb,
+    produce,
+)
 
 from .conftest import BrokerInfo
 
@@ -52,10 +59,9 @@ async def produce_paced(settings: Settings, lines: list[bytes], rate: float,
 
 def rss_mb(pid: int) -> float:
     """Resident memory of a process (VmRSS), in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for process {pid}")
+    status = proc_status_kb(Path(f"/proc/{pid}/status").read_text())
+    assert "VmRSS" in status, f"no VmRSS for process {pid}"
+    return status["VmRSS"] / 1024
 
 
 async def worker_metrics(worker: WorkerProcess, timeout_s: float = 5.0) -> str:

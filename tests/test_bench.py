@@ -15,6 +15,7 @@ from streams import bench
 from streams.cli import build_parser, main
 from streams.config import ConfigError
 from streams.events import parse_event
+from streams.replay import proc_status_kb
 
 from .conftest import BrokerInfo
 
@@ -112,7 +113,7 @@ def test_ready_means_every_partition_owned_and_recovered() -> None:
 
 def test_proc_status_memory_lines() -> None:
     text = "Name:\tpython\nVmHWM:\t  70000 kB\nVmRSS:\t  65536 kB\nThreads:\t3\n"
-    assert bench.proc_status_kb(text) == {"VmHWM": 70000, "VmRSS": 65536}
+    assert proc_status_kb(text) == {"VmHWM": 70000, "VmRSS": 65536}
 
 
 def _options(*flags: str) -> bench.BenchOptions:
