@@ -157,7 +157,8 @@ class Deliveries:
             self.since[tp] = time.monotonic()
 
     async def in_order(self, message: Any) -> bool:
-        """True when the agent may process `message` (redeliveries included)."""
+        """True when the agent may process `message` (redeliveries included); False when it
+        must skip it, which also keeps Faust from acknowledging it."""
         tp, offset = message.tp, message.offset
         due = self.due.get(tp)
         if due is None or offset <= due:
@@ -165,6 +166,9 @@ class Deliveries:
             self.since[tp] = time.monotonic()
             self.refetching.pop(tp, None)
             return True
+        # Not acknowledged either: acknowledged, it would let a commit pass it (once the
+        # records before it are) before it came again and was processed.
+        message.acked = True
         if self.refetching.get(tp) != due:
             await self._refetch(tp, due, f"record {offset} arrived first")
         return False
