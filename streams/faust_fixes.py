@@ -304,22 +304,28 @@ def stop_when_offsets_vanish(consumer: Any,
     """Patch a (not yet started) Faust consumer to report offsets it committed and lost."""
     if getattr(consumer, "_watches_offsets", False):
         return
+    # Offsets the broker confirmed: a commit that succeeded, or one read back from it.
+    # (Faust's own record of committed offsets also keeps commits that failed in a
+    # rebalance: measured, a false alarm for a partition never committed.)
     committed_once: set[Any] = set()
-    on_partitions_revoked = consumer.on_partitions_revoked
+    commit = consumer._commit
     seek_to_committed = consumer.seek_to_committed
 
-    async def remember_committed(revoked: Any) -> Any:
-        committed_once.update(tp for tp, offset in consumer._committed_offset.items() if offset)
-        return await on_partitions_revoked(revoked)
+    async def remembering_commit(offsets: Mapping[Any, int]) -> bool:
+        committed = await commit(offsets)
+        if committed:
+            committed_once.update(tp for tp, offset in offsets.items() if offset)
+        return committed
 
     async def check_committed() -> Any:
         offsets = await seek_to_committed()
         lost = sorted(tp for tp, offset in offsets.items()
                       if (not offset or offset < 0) and tp in committed_once)
+        committed_once.update(tp for tp, offset in offsets.items() if offset and offset > 0)
         if lost:
             await on_lost(lost)
         return offsets
 
-    consumer.on_partitions_revoked = remember_committed
+    consumer._commit = remembering_commit
     consumer.seek_to_committed = check_committed
     consumer._watches_offsets = True

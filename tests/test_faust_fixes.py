@@ -10,7 +10,11 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple
 
-from streams.faust_fixes import commit_only_contiguous, keep_seeks_over_stale_reads
+from streams.faust_fixes import (
+    commit_only_contiguous,
+    keep_seeks_over_stale_reads,
+    stop_when_offsets_vanish,
+)
 
 
 class TP(NamedTuple):
@@ -256,3 +260,39 @@ async def test_only_the_agents_topics_are_watched() -> None:
     await deliveries.refetch_stalled(idle_s=0)
     assert consumer.sought == [(A, 3)]
     assert await deliveries.in_order(Message(A, 7))
+
+
+class Committing:
+    """Faust's commit and seek-to-committed, answered as the broker would."""
+
+    def __init__(self) -> None:
+        self.broker: dict[TP, int | None] = {A: None}
+        self.refuse = False
+
+    async def _commit(self, offsets: dict[TP, int]) -> bool:
+        if self.refuse:  # e.g. the group is rebalancing
+            return False
+        self.broker.update(offsets)
+        return True
+
+    async def seek_to_committed(self) -> dict[TP, int | None]:
+        return dict(self.broker)
+
+
+async def test_offsets_the_broker_confirmed_and_then_lost_are_reported() -> None:
+    consumer = Committing()
+    lost: list[list[TP]] = []
+
+    async def on_lost(tps: list[TP]) -> None:
+        lost.append(tps)
+
+    stop_when_offsets_vanish(consumer, on_lost)
+    consumer.refuse = True
+    assert not await consumer._commit({A: 5})  # refused: the broker never had it
+    await consumer.seek_to_committed()
+    assert lost == []
+    consumer.refuse = False
+    assert await consumer._commit({A: 5})
+    consumer.broker = {A: None}  # the broker lost its log
+    await consumer.seek_to_committed()
+    assert lost == [[A]]
