@@ -319,18 +319,11 @@ def stop_when_offsets_vanish(consumer: Any,
 
     async def check_committed() -> Any:
         offsets = await seek_to_committed()
-        confirmed = [tp for tp in offsets if tp in committed_once]
-        lost = sorted(tp for tp in confirmed if not offsets[tp] or offsets[tp] < 0)
+        lost = sorted(tp for tp, offset in offsets.items()
+                      if (not offset or offset < 0) and tp in committed_once)
         committed_once.update(tp for tp, offset in offsets.items() if offset and offset > 0)
-        if lost and len(lost) == len(confirmed):
-            await on_lost(lost)  # a broker that lost its log lost every offset
-        elif lost:
-            # Some kept theirs: the log is there, and reading these partitions again from
-            # their beginning is recognised by the offsets our records carry (measured:
-            # Tansu answered no offset for one links partition after quick rebalances).
-            log.warning("the broker has no committed offset any more for %s; reading "
-                        "again from the beginning", ", ".join(
-                            f"{tp.topic}[{tp.partition}]" for tp in lost))
+        if lost:
+            await on_lost(lost)
         return offsets
 
     consumer._commit = remembering_commit
