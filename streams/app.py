@@ -22,11 +22,11 @@ from prometheus_client import Counter, generate_latest
 from . import __version__, kpis
 from .annotation_log import OutputTopicError, ensure_copartitioned, load_guard
 from .annotations import HORIZON_HEADER, ResendGuard, Source, build_item, encode
-from .broker import ONE_RECORD_BATCH_BYTES
-from .cases import SECOND_US, Step, WindowPolicy, related_case
+from .cases import SECOND_US, WindowPolicy
 from .config import Settings
-from .events import InvalidEvent, parse_event
+from .events import Event, InvalidEvent, parse_event
 from .exporter import LabelBounds, WorkerView, build_registry
+from .faust_batches import ends_from_fetches, writes_on
 from .faust_fixes import (
     commit_only_contiguous,
     complete_flushes,
@@ -34,9 +34,9 @@ from .faust_fixes import (
     seek_uncommitted_to_beginning,
     stop_when_offsets_vanish,
 )
-from .ledger import Ledger
+from .ledger import BatchPlan, Ledger
 from .security import faust_credentials, kafka_client_kwargs
-from .window_tables import WindowTables
+from .window_tables import AcknowledgedTable, WindowTables
 
 log = logging.getLogger("acsr_metrics")
 
@@ -48,6 +48,8 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
 
 
 TANSU_REQUEST_TIMEOUT_S = 10.0
+PRODUCER_BATCH_BYTES = 512 * 1024
+PRODUCER_LINGER_S = 0.005
 DELIVERY_CHECK_S = 1.0
 STALLED_DELIVERY_S = 5.0  # a due record held by the broker that long is fetched again
 
@@ -56,12 +58,28 @@ class BrokerStateLost(RuntimeError):
     """The broker lost offsets this worker committed, and with them its log: stop."""
 
 
+def parse_or_invalid(value: bytes | None) -> Event | InvalidEvent:
+    try:
+        return parse_event(value)
+    except InvalidEvent as invalid:
+        return invalid
+
+
+def acknowledged_table(app: faust.App, name: str, partitions: int, key_type: type
+                       ) -> AcknowledgedTable:
+    # Values are our own JSON bytes (value_type=bytes: raw changelog values), so the store
+    # never aliases a state we go on mutating; keys are JSON (str and int survive recovery).
+    table = AcknowledgedTable(app, name=name, beacon=app.tables.beacon, partitions=partitions,
+                              key_type=key_type, value_type=bytes)
+    app.tables.add(table)
+    return table
+
+
 def build_app(settings: Settings) -> faust.App:
     data_dir = Path(settings.data_dir) / f"{settings.app_id}-{settings.web_port}"
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     tansu_workarounds: dict[str, Any] = (
         {
-            "producer_max_batch_size": ONE_RECORD_BATCH_BYTES,
             # Tansu now and then never answers a request after a client was killed; a
             # short timeout retries it instead of waiting Faust's default 20 minutes.
             "producer_request_timeout": TANSU_REQUEST_TIMEOUT_S,
@@ -84,6 +102,11 @@ def build_app(settings: Settings) -> faust.App:
         web_bind=settings.web_host,
         web_host=settings.web_host,
         web_port=settings.web_port,
+        # A batch writes hundreds of changelog records per partition at once; in 16 KB
+        # producer batches (the default) each waits for the one before it to be sent.
+        # Below real Kafka's default message.max.bytes (1 MB).
+        producer_max_batch_size=PRODUCER_BATCH_BYTES,
+        producer_linger=PRODUCER_LINGER_S,  # a batch's writes go in a few requests
         version=1,
         **tansu_workarounds,
     )
@@ -107,6 +130,9 @@ def build_app(settings: Settings) -> faust.App:
         raise err
 
     stop_when_offsets_vanish(app.consumer, stop_on_lost_offsets)
+    client_options = kafka_client_kwargs(settings)  # our own clients, secured like Faust's
+    if settings.tansu:  # changelog writes in normal producer batches (streams/faust_batches.py)
+        ends_from_fetches(app.consumer, settings.bootstrap_servers, client_options)
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     events_topic = app.topic(settings.events_topic, partitions=settings.partitions, **raw)
     links_topic = app.topic(settings.links_topic, partitions=settings.partitions,
@@ -116,11 +142,8 @@ def build_app(settings: Settings) -> faust.App:
     annotation_topic = app.topic(settings.annotation_topic, partitions=settings.partitions,
                                  **raw)
 
-    # Values are our own JSON bytes (value_type=bytes: raw changelog values), so the store
-    # never aliases a state we go on mutating; keys are JSON (str and int survive recovery).
-    cases = app.Table("cases", partitions=settings.partitions, key_type=str, value_type=bytes)
-    partition_records = app.Table("partitions", partitions=settings.partitions, key_type=int,
-                                  value_type=bytes)
+    cases = acknowledged_table(app, "cases", settings.partitions, str)
+    partition_records = acknowledged_table(app, "partitions", settings.partitions, int)
     ledger = Ledger(
         WindowPolicy(sizes_s=settings.window_sizes_s, grace_s=settings.window_grace_s),
         retention_us=settings.case_retention_s * SECOND_US,
@@ -131,7 +154,6 @@ def build_app(settings: Settings) -> faust.App:
     # Held from planning an event to writing its case, so no link write lands in between.
     case_locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
     annotation_topic_ready = asyncio.Event()
-    client_options = kafka_client_kwargs(settings)  # our own clients, secured like Faust's
     window_tables = WindowTables(app, settings, ledger.windows, ledger.watermarks.get,
                                  client_options)
 
@@ -177,71 +199,102 @@ def build_app(settings: Settings) -> faust.App:
                 client_options)
         return guard
 
-    async def send_items(message: Any, case_id: str, step: Step, guard: ResendGuard) -> None:
-        source = Source(message.topic, message.partition, message.offset)
-        headers = [(HORIZON_HEADER, str(guard.horizon).encode())]
+    async def send_items(plan: BatchPlan, guard: ResendGuard) -> list[Any]:
+        """Send the batch's annotation items; the acknowledgements to wait for."""
         acks = []
-        for route in step.routes:
-            if guard.already_sent(case_id, route.reason):
-                resends_prevented.inc()
-                continue
-            item = build_item(case_id, route.reason, route.trigger,
-                              step.state.annotation_view(), source)
-            acks.append(await annotation_topic.send(
-                key=case_id.encode(), value=encode(item), partition=message.partition,
-                headers=headers, force=True))
-        for ack in acks:
-            await ack
+        headers = [(HORIZON_HEADER, str(guard.horizon).encode())]
+        for applied in plan.applied:
+            case_id, step = applied.event.case_id, applied.step
+            source = Source(settings.events_topic, plan.partition, applied.offset)
+            for route in step.routes:
+                if guard.already_sent(case_id, route.reason):
+                    resends_prevented.inc()
+                    continue
+                item = build_item(case_id, route.reason, route.trigger, applied.view, source)
+                acks.append(await annotation_topic.send(
+                    key=case_id.encode(), value=encode(item), partition=plan.partition,
+                    headers=headers, force=True))
+        return acks
 
-    async def process(message: Any) -> None:
-        ensure_built({message.partition})
-        guard = await resend_guard(message.partition, message.offset)
-        try:
-            parsed = parse_event(message.value)
-        except InvalidEvent as invalid:
-            dead_lettered = await dead_letter(message, invalid)
-            ledger.apply_invalid(partition_records, message.partition, message.offset,
-                                 invalid.reason, dead_lettered=dead_lettered)
-            return
-        related = related_case(parsed)
-        if related is not None:
-            # Acknowledged before the case is written, so a crash cannot lose it;
-            # applying a link twice changes nothing.
-            link = orjson.dumps({"case_id": related, "ts_us": parsed.ts_us})
-            await (await links_topic.send(key=related.encode(), value=link, force=True))
-        async with case_locks[message.partition]:
-            step = ledger.plan_event(cases, parsed, message.partition, message.offset)
-            if step is not None:
-                # Items are acknowledged before the case write that records them (as links).
-                await send_items(message, parsed.case_id, step, guard)
-                # Window cells too are acknowledged before the case write.
-                await window_tables.fold(message, parsed, step)
-                ledger.commit_event(cases, parsed, message.partition, step)
-        await window_tables.advance(message)  # publish closed windows, drop expired ones
-        event_time_lag.observe(max(0.0, time.time() - parsed.ts_us / 1e6))
-        ledger.maybe_expire(cases, partition_records, message.partition)
+    async def send_links(plan: BatchPlan) -> list[Any]:
+        acks = []
+        for related, ts_us in plan.links:
+            link = orjson.dumps({"case_id": related, "ts_us": ts_us})
+            acks.append(await links_topic.send(key=related.encode(), value=link, force=True))
+        return acks
+
+    async def dead_letter_all(plan: BatchPlan, messages: dict[int, Any]) -> list[int]:
+        """Dead-letter the batch's invalid messages; the offsets the topic refused."""
+        return [offset for offset, invalid in plan.invalid
+                if not await dead_letter(messages[offset], invalid)]
+
+    async def process_batch(partition: int, events: list[Any]) -> None:
+        """One partition's events, in offset order: every side effect of the batch is
+        acknowledged before its cases are written (docs/architecture.md)."""
+        ensure_built({partition})
+        messages = {event.message.offset: event.message for event in events}
+        guard = await resend_guard(partition, events[0].message.offset)
+        batch = [(offset, parse_or_invalid(message.value))
+                 for offset, message in messages.items()]
+        with writes_on(events[-1]):
+            async with case_locks[partition]:
+                plan = ledger.plan_batch(cases, partition_records, partition, batch)
+                refused = await dead_letter_all(plan, messages) if plan.invalid else []
+                acks = [*await send_links(plan), *await send_items(plan, guard)]
+                window_tables.fold(plan)
+                if plan.applied or plan.invalid:
+                    ledger.mark_batch(partition_records, plan, refused)
+                for ack in acks:
+                    await ack
+                await window_tables.acknowledged(partition)
+                await partition_records.acknowledged(partition)
+                ledger.commit_batch(cases, plan)
+                await cases.acknowledged(partition)
+            await window_tables.advance(partition, plan.last)
+            ledger.maybe_expire(cases, partition_records, partition)
+        now = time.time()
+        for applied in plan.applied:
+            event_time_lag.observe(max(0.0, now - applied.event.ts_us / 1e6))
+
+    async def process_one_by_one(partition: int, events: list[Any]) -> None:
+        # A batch failed: a bug, never input. Each event again on its own, so only the
+        # one that fails goes to the dead-letter topic (reason processing_error).
+        for event in events:
+            try:
+                await process_batch(partition, [event])
+            except OutputTopicError:
+                raise
+            except Exception as err:
+                message = event.message
+                log.exception("processing failed (partition=%s, offset=%s)",
+                              message.partition, message.offset)
+                failure = InvalidEvent(PROCESSING_ERROR, f"{type(err).__name__}: {err}")
+                with writes_on(event):
+                    dead_lettered = await dead_letter(message, failure)
+                    ledger.apply_invalid(partition_records, message.partition, message.offset,
+                                         PROCESSING_ERROR, counter=kpis.PROCESSING_ERROR,
+                                         dead_lettered=dead_lettered)
 
     @app.agent(events_topic)
     async def process_events(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            if not await deliveries.in_order(event.message):
-                continue  # records before it were lost on the way: it comes again after them
-            try:
-                await process(event.message)
-            except OutputTopicError as err:
-                log.critical("%s", err)
-                await app.crash(err)
-                raise
-            except Exception as err:
-                # A bug must not stop the partition nor lose the message: it goes to the
-                # dead-letter topic with reason processing_error, counted and logged.
-                log.exception("processing failed (partition=%s, offset=%s)",
-                              event.message.partition, event.message.offset)
-                failure = InvalidEvent(PROCESSING_ERROR, f"{type(err).__name__}: {err}")
-                dead_lettered = await dead_letter(event.message, failure)
-                ledger.apply_invalid(partition_records, event.message.partition,
-                                     event.message.offset, PROCESSING_ERROR,
-                                     counter=kpis.PROCESSING_ERROR, dead_lettered=dead_lettered)
+        async for events in stream.take_events(settings.batch_max, settings.batch_wait_s):
+            by_partition = await deliveries.by_partition(events)
+            with deliveries.processing():
+                # Partitions at once: each waits for the broker, none for the others.
+                await asyncio.gather(*(process_partition(partition, in_partition)
+                                       for partition, in_partition in by_partition.items()))
+
+    async def process_partition(partition: int, events: list[Any]) -> None:
+        try:
+            await process_batch(partition, events)
+        except OutputTopicError as err:
+            log.critical("%s", err)
+            await app.crash(err)
+            raise
+        except Exception:
+            log.exception("batch failed (partition=%s, offsets %s-%s); one by one",
+                          partition, events[0].message.offset, events[-1].message.offset)
+            await process_one_by_one(partition, events)
 
     @app.agent(links_topic)
     async def apply_links(stream: faust.StreamT) -> None:

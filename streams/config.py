@@ -42,6 +42,10 @@ class Settings:
     tansu: bool = False  # apply the embedded (Tansu) broker workarounds
     session_timeout_s: float = 10.0
     commit_interval_s: float = 1.0
+    # Events are processed in batches of up to batch_max per take, waiting at most
+    # batch_wait_s for a batch to fill (docs/performance.md).
+    batch_max: int = 4000
+    batch_wait_s: float = 0.2
     log_level: str = "warn"
     label_limit: int = 50  # distinct values per bounded label before the rest become "other"
     intent_allow: str = ""  # comma-separated allow-lists (empty: first label_limit values)
@@ -85,7 +89,8 @@ class Settings:
                     f"{name} {value!r} must be 1-249 characters of letters, digits, '.', '_', '-'"
                 )
         _positive(self, "partitions", "label_limit", "replication_factor", "case_retention_s",
-                  "session_timeout_s", "commit_interval_s", "report_window_s")
+                  "session_timeout_s", "commit_interval_s", "report_window_s", "batch_max",
+                  "batch_wait_s")
         if not 0 < self.web_port < 65536:
             raise ConfigError(f"web_port {self.web_port} must be 1-65535")
         if self.window_grace_s < 0:

@@ -68,9 +68,10 @@ acknowledged, and `Deliveries` (above) fetches such a lost record again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 POLL_S = 0.005
@@ -145,6 +146,7 @@ class Deliveries:
         self.due: dict[Any, int] = {}
         self.since: dict[Any, float] = {}  # partition -> when its due offset last moved
         self.refetching: dict[Any, int] = {}  # partition -> due offset sought back to
+        self.busy = 0  # batches being processed: records are not awaited meanwhile
 
     def moved(self, tp: Any, target: int | None) -> None:
         if self.topics is not None and tp.topic not in self.topics:
@@ -173,9 +175,33 @@ class Deliveries:
             await self._refetch(tp, due, f"record {offset} arrived first")
         return False
 
+    async def by_partition(self, events: Iterable[Any]) -> dict[int, list[Any]]:
+        """A batch's events that may be processed, grouped by partition, each in order."""
+        grouped: dict[int, list[Any]] = {}
+        for event in events:
+            if await self.in_order(event.message):
+                grouped.setdefault(event.message.partition, []).append(event)
+        return grouped
+
+    @contextlib.contextmanager
+    def processing(self) -> Iterator[None]:
+        """While the agent processes a batch it takes no records: none counts as late,
+        and the wait for each due record starts again when it is done."""
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
+            now = time.monotonic()
+            for tp in self.since:
+                self.since[tp] = now
+
     async def refetch_stalled(self, idle_s: float) -> None:
         """Seek back partitions whose due record the broker holds (below the high
-        watermark of the last fetch) but that has not arrived for `idle_s` seconds."""
+        watermark of the last fetch) but that has not arrived for `idle_s` seconds of
+        the agent waiting for records."""
+        if self.busy:
+            return
         now = time.monotonic()
         assigned = self.consumer.assignment()
         for tp, due in list(self.due.items()):

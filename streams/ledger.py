@@ -12,19 +12,43 @@ No Faust here: the tables are plain mutable mappings, so this unit-tests without
 
 from __future__ import annotations
 
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from . import kpis
-from .cases import SECOND_US, CaseState, Step, WindowPolicy, apply_event, apply_link
-from .events import Event
+from .annotations import CaseView
+from .cases import (
+    SECOND_US,
+    CaseState,
+    Step,
+    WindowPolicy,
+    apply_event,
+    apply_link,
+    related_case,
+)
+from .events import Event, InvalidEvent
 from .kpis import Aggregate
 from .state_bytes import dump_state
 
 SWEEP_EVERY_US = 3600 * SECOND_US
+
+
+@dataclass
+class PendingBatch:
+    """The last batch whose case writes may have landed only in part (see `Ledger`)."""
+
+    start: int  # its first and last events offset
+    end: int
+    before_us: int | None  # the partition's event time before and after it
+    after_us: int | None
+    duplicates: list[int] = field(default_factory=list)  # offsets that left the time as it was
+
+    def advances(self, offset: int) -> bool:
+        """Whether the applied event at `offset` moved the partition's event time."""
+        return self.start <= offset <= self.end and offset not in self.duplicates
 
 
 @dataclass
@@ -35,6 +59,7 @@ class PartitionRecord:
     watermark_us: int | None = None
     archive: dict[str, Any] = field(default_factory=dict)  # Aggregate of expired cases
     folded: list[str] = field(default_factory=list)  # archived cases whose delete may be pending
+    batch: dict[str, Any] | None = None  # the PendingBatch written before its case writes
 
     def to_bytes(self) -> bytes:
         return dump_state(self.__dict__)
@@ -46,6 +71,43 @@ class PartitionRecord:
 
 CaseTable = MutableMapping[str, bytes]
 PartitionTable = MutableMapping[int, bytes]
+Parsed = Event | InvalidEvent
+
+
+@dataclass
+class Applied:
+    """A valid event of a batch applied to its case (not yet written)."""
+
+    offset: int
+    event: Event
+    step: Step
+    watermark_us: int | None  # the partition's event time before the event
+    view: CaseView | None = None  # the case as its annotation items show it (when routed)
+
+
+@dataclass
+class BatchPlan:
+    """What a batch of one partition's events does, planned before anything is written.
+
+    Its side effects (links, annotation items, window cells, dead letters, the partition
+    record with the batch marker) are sent and acknowledged first; then each touched case
+    is written once, with its last state."""
+
+    partition: int
+    first: int
+    last: int
+    applied: list[Applied] = field(default_factory=list)
+    invalid: list[tuple[int, InvalidEvent]] = field(default_factory=list)
+    links: list[tuple[str, int]] = field(default_factory=list)  # (earlier case, ts_us)
+    states: dict[str, CaseState] = field(default_factory=dict)  # touched cases, final states
+    before_us: int | None = None
+    after_us: int | None = None
+    duplicates: list[int] = field(default_factory=list)
+    recovered_batch_done: bool = False  # a recovered PendingBatch is behind this batch
+
+    def marker(self) -> PendingBatch:
+        return PendingBatch(self.first, self.last, self.before_us, self.after_us,
+                            self.duplicates)
 
 
 class Ledger:
@@ -64,6 +126,7 @@ class Ledger:
         self.case_keys: dict[int, set[str]] = {}
         self.last_sweep: dict[int, int] = {}
         self.positions: dict[int, int] = {}  # next offset to process, per events partition
+        self.pending: dict[int, PendingBatch] = {}  # recovered batch markers
 
     def aggregate(self, partition: int) -> Aggregate:
         agg = self.aggregates.get(partition)
@@ -75,32 +138,93 @@ class Ledger:
 
     def apply_event(self, cases: CaseTable, event: Event, partition: int, offset: int
                     ) -> Step | None:
-        """Apply a valid event; None when it is a redelivery of an applied one."""
-        step = self.plan_event(cases, event, partition, offset)
-        return None if step is None else self.commit_event(cases, event, partition, step)
+        """Apply a valid event on its own; None when it is a redelivery of an applied one."""
+        plan = self.plan_batch(cases, {}, partition, [(offset, event)])
+        self.commit_batch(cases, plan)
+        return plan.applied[0].step if plan.applied else None
 
-    def plan_event(self, cases: CaseTable, event: Event, partition: int, offset: int
-                   ) -> Step | None:
-        """The step a valid event makes, not yet written (None for a redelivery), so its
-        annotation items can be acknowledged before the case write."""
-        self.positions[partition] = offset + 1
-        raw = cases.get(event.case_id)
-        state = CaseState.from_bytes(raw) if raw is not None else None
-        if state is not None and state.offset >= offset:
-            return None
-        return apply_event(state, event, partition=partition, offset=offset,
-                           watermark_us=self.watermarks.get(partition), windows=self.windows,
-                           sample_rate=self.sample_rate)
+    def plan_batch(self, cases: CaseTable, records: PartitionTable, partition: int,
+                   batch: Sequence[tuple[int, Parsed]]) -> BatchPlan:
+        """Plan a batch of one partition's messages, in offset order; writes nothing.
 
-    def commit_event(self, cases: CaseTable, event: Event, partition: int, step: Step) -> Step:
-        """Write a planned step: the event's whole effect, in one table write."""
-        cases[event.case_id] = step.state.to_bytes()
-        self._account(partition, event.case_id, step)
-        if step.state.watermark_us is not None:
-            self.watermarks[partition] = max(
-                self.watermarks.get(partition, step.state.watermark_us), step.state.watermark_us
-            )
-        return step
+        Each touched case is decoded once and carried through the batch. An event whose
+        case already holds its offset is a redelivery and is skipped; inside a recovered
+        pending batch it still moves the partition's event time as it did the first
+        time, so the events re-applied there see the times they saw then. An invalid
+        message at or below the partition record's offset was counted (and dead-lettered)
+        already, and is skipped too."""
+        plan = BatchPlan(partition, batch[0][0], batch[-1][0])
+        counted_invalid = PartitionRecord.from_bytes(records.get(partition)).offset
+        watermark = self.watermarks.get(partition)
+        pending = self.pending.get(partition)
+        if pending is not None and plan.first > pending.end:
+            watermark = _later(watermark, pending.after_us)  # it was committed whole
+        plan.before_us = watermark
+        states = plan.states
+        for offset, parsed in batch:
+            if isinstance(parsed, InvalidEvent):
+                if offset > counted_invalid:
+                    plan.invalid.append((offset, parsed))
+                continue
+            state = states.get(parsed.case_id)
+            if state is None:
+                raw = cases.get(parsed.case_id)
+                state = CaseState.from_bytes(raw) if raw is not None else None
+            if state is not None and state.offset >= offset:
+                if pending is not None and pending.advances(offset):
+                    watermark = _later(watermark, parsed.ts_us)
+                continue
+            related = related_case(parsed)
+            if related is not None:
+                plan.links.append((related, parsed.ts_us))
+            step = apply_event(state, parsed, partition=partition, offset=offset,
+                               watermark_us=watermark, windows=self.windows,
+                               sample_rate=self.sample_rate)
+            states[parsed.case_id] = step.state
+            # The case goes on changing in the batch: its items show it as of this event.
+            view = step.state.annotation_view() if step.routes else None
+            plan.applied.append(Applied(offset, parsed, step, watermark, view))
+            if step.duplicate:
+                plan.duplicates.append(offset)
+            else:
+                watermark = step.state.watermark_us
+        plan.after_us = watermark
+        plan.recovered_batch_done = pending is not None and plan.last >= pending.end
+        return plan
+
+    def mark_batch(self, records: PartitionTable, plan: BatchPlan,
+                   refused: Iterable[int] = ()) -> None:
+        """Write the partition record before the batch's case writes: its invalid messages
+        counted once (those at `refused` offsets also as refused by the dead-letter
+        topic), and the batch marker that a recovery needs if only some cases land."""
+        partition = plan.partition
+        record = PartitionRecord.from_bytes(records.get(partition))
+        refused = set(refused)
+        archive = Aggregate.from_json(record.archive) if record.archive else self._empty()
+        for offset, invalid in plan.invalid:
+            counters = ((kpis.INVALID,) if offset not in refused
+                        else (kpis.INVALID, kpis.DEAD_LETTER_FAILED))
+            for name in counters:
+                archive.count(name, invalid.reason)
+                self.aggregate(partition).count(name, invalid.reason)
+            record.offset = offset
+        record.archive = archive.to_json()
+        record.batch = plan.marker().__dict__ if plan.applied else record.batch
+        records[partition] = record.to_bytes()
+        self.positions[partition] = plan.last + 1
+
+    def commit_batch(self, cases: CaseTable, plan: BatchPlan) -> None:
+        """Write each touched case once (after the batch's side effects landed)."""
+        partition = plan.partition
+        for case_id, state in plan.states.items():
+            cases[case_id] = state.to_bytes()
+        for applied in plan.applied:
+            self._account(partition, applied.event.case_id, applied.step)
+        if plan.after_us is not None:
+            self.watermarks[partition] = _later(self.watermarks.get(partition), plan.after_us)
+        if plan.recovered_batch_done:
+            self.pending.pop(partition, None)
+        self.positions[partition] = plan.last + 1
 
     def apply_link(self, cases: CaseTable, case_id: str, partition: int, link_ts_us: int) -> Step:
         """A re-engagement of `case_id`; applying one twice changes nothing more."""
@@ -208,6 +332,7 @@ class Ledger:
             self.case_keys[partition] = set()
             self.watermarks.pop(partition, None)
             self.last_sweep.pop(partition, None)
+            self.pending.pop(partition, None)
         folded: set[str] = set()
         for partition, raw in records:
             if partition not in partitions:
@@ -217,6 +342,9 @@ class Ledger:
             if record.archive:
                 self.aggregates[partition].merge(Aggregate.from_json(record.archive))
             self._raise_watermark(partition, record.watermark_us)
+            if record.batch is not None:
+                pending = self.pending[partition] = PendingBatch(**record.batch)
+                self._raise_watermark(partition, pending.before_us)
         for case_id, raw in cases:
             if case_id in folded:
                 continue
@@ -227,15 +355,23 @@ class Ledger:
             agg.add_facts(state.facts)
             agg.add_pipeline(state.pipeline)
             self.case_keys[state.partition].add(case_id)
-            self._raise_watermark(state.partition, state.watermark_us)
+            pending = self.pending.get(state.partition)
+            if pending is None or state.offset < pending.start:
+                # A case written by the pending batch may be one of only some that
+                # landed: its time is the batch's `after_us`, applied once known whole.
+                self._raise_watermark(state.partition, state.watermark_us)
 
     def drop(self, partitions: set[int]) -> None:
         """Forget partitions this worker no longer owns (their new owner rebuilds them)."""
         for table in (self.aggregates, self.watermarks, self.case_keys, self.last_sweep,
-                      self.positions):
+                      self.positions, self.pending):
             for partition in partitions:
                 table.pop(partition, None)
 
     def _raise_watermark(self, partition: int, value: int | None) -> None:
         if value is not None:
             self.watermarks[partition] = max(self.watermarks.get(partition, value), value)
+
+
+def _later(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)

@@ -28,6 +28,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from .annotation_log import high_watermarks, reader
 from .broker import ONE_RECORD_BATCH_BYTES, EmbeddedBroker, ensure_topics, free_port
 from .config import Settings
 from .events import message_key
@@ -217,9 +218,14 @@ async def committed(consumer: AIOKafkaConsumer, topic: str, partitions: int) -> 
     return out
 
 
-async def end_offsets(consumer: AIOKafkaConsumer, topic: str, partitions: int) -> dict[int, int]:
-    tps = [TopicPartition(topic, p) for p in range(partitions)]
-    return {tp.partition: offset for tp, offset in (await consumer.end_offsets(tps)).items()}
+async def end_offsets(bootstrap: str, client: dict[str, Any], topic: str, partitions: int
+                      ) -> dict[int, int]:
+    """From fetch responses: the embedded broker's ListOffsets can answer short (workers
+    write in multi-record batches, streams/faust_batches.py)."""
+    async with reader(bootstrap, client=client) as fetcher:
+        found = await high_watermarks(fetcher, [TopicPartition(topic, p)
+                                                for p in range(partitions)])
+    return {tp.partition: offset for tp, offset in found.items()}
 
 
 async def wait_processed(cluster: Cluster, bootstrap: str, ends: dict[int, int],
@@ -228,15 +234,16 @@ async def wait_processed(cluster: Cluster, bootstrap: str, ends: dict[int, int],
     settings = cluster.settings
     total = sum(ends.values())
     last_done, last_change = -1, time.monotonic()
-    async with group_offsets(bootstrap, settings.app_id,
-                             kafka_client_kwargs(settings)) as consumer:
+    client = kafka_client_kwargs(settings)
+    async with group_offsets(bootstrap, settings.app_id, client) as consumer:
         while True:
             cluster.check_alive()
             done_events = await committed(consumer, settings.events_topic, settings.partitions)
             done = sum(min(done_events[p], end) for p, end in ends.items())
             on_progress(done)
             if done >= total:
-                link_ends = await end_offsets(consumer, settings.links_topic, settings.partitions)
+                link_ends = await end_offsets(bootstrap, client, settings.links_topic,
+                                              settings.partitions)
                 links_done = await committed(consumer, settings.links_topic, settings.partitions)
                 if all(links_done[p] >= end for p, end in link_ends.items()):
                     return

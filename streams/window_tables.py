@@ -34,9 +34,9 @@ from aiokafka import ConsumerRecord
 
 from .annotation_log import ensure_copartitioned, load_guard
 from .annotations import HORIZON_HEADER, ResendGuard, TailRecord
-from .cases import Step, WindowPolicy
+from .cases import WindowPolicy
 from .config import Settings
-from .events import Event
+from .ledger import BatchPlan
 from .windows import (
     SCHEMA_VERSION,
     Cell,
@@ -56,26 +56,28 @@ LatestClosed = dict[int, list[tuple[WindowKey, Cell]]]
 
 
 class AcknowledgedTable(faust.Table):
-    """A table whose changelog writes can be awaited until the broker acknowledged them."""
+    """A table whose changelog writes can be awaited until the broker acknowledged them,
+    per changelog partition (batches of several partitions are processed at once)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._unacknowledged: list[Any] = []
+        self._unacknowledged: dict[int | None, list[Any]] = {}
 
-    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
-        sent = super().send_changelog(*args, **kwargs)
-        self._unacknowledged.append(sent)
+    def send_changelog(self, partition: int | None, *args: Any, **kwargs: Any) -> Any:
+        sent = super().send_changelog(partition, *args, **kwargs)
+        self._unacknowledged.setdefault(partition, []).append(sent)
         return sent
 
-    async def acknowledged(self) -> None:
-        """Wait for every write made since the last call."""
-        pending, self._unacknowledged = self._unacknowledged, []
-        for sent in pending:
+    async def acknowledged(self, partition: int) -> None:
+        """Wait for every write to `partition` made since the last call."""
+        for sent in self._unacknowledged.pop(partition, ()):
             await sent
 
     def settle(self) -> None:
         """Stop tracking writes already acknowledged (for writes nobody waits for)."""
-        self._unacknowledged = [sent for sent in self._unacknowledged if not sent.done()]
+        self._unacknowledged = {
+            partition: pending for partition, sent in self._unacknowledged.items()
+            if (pending := [fut for fut in sent if not fut.done()])}
 
 
 def tail_record(record: ConsumerRecord) -> TailRecord | None:
@@ -176,40 +178,42 @@ class WindowTables:
         self.build({partition})
         return self.partitions[partition]
 
-    async def fold(self, message: Any, event: Event, step: Step) -> None:
-        """Fold a planned event into its windows; call before its case write (see the
-        module doc), while the ledger's watermark is still the one before the event."""
-        windows = self._session(message.partition, message.offset)
-        late = self.rules.late_sizes(event.ts_us, self.watermark(message.partition))
-        changed = windows.fold(message.offset, event.ts_us, late, step.facts)
+    def fold(self, plan: BatchPlan) -> None:
+        """Write a planned batch's windowed facts to their cells, each cell once; call
+        before the batch's case writes and await `acknowledged` (see the module doc)."""
+        partition = plan.partition
+        windows = self._session(partition, plan.first)
+        changed: set[WindowKey] = set()
+        for applied in plan.applied:
+            ts_us = applied.event.ts_us
+            late = (() if applied.watermark_us is None
+                    else self.rules.late_sizes(ts_us, applied.watermark_us))
+            changed.update(windows.fold(applied.offset, ts_us, late, applied.step.facts))
         for key in changed:
-            self._write(message.partition, key, windows.cells[key])
-        if changed:
-            await self._acknowledged()
+            self._write(partition, key, windows.cells[key])
 
-    async def advance(self, message: Any) -> None:
-        """After an event (redelivered ones too): publish what closed, drop what expired."""
-        partition = message.partition
-        windows = self._session(partition, message.offset)
+    async def advance(self, partition: int, offset: int) -> None:
+        """After a batch (redelivered ones too) up to `offset`: publish what closed, drop
+        what expired."""
+        windows = self._session(partition, offset)
         watermark = self.watermark(partition)
         closing = windows.closing(watermark)
         if closing:
-            await self._emit(message, windows, closing)
+            await self._emit(partition, offset, windows, closing)
         expiring = windows.expiring(watermark)
         for key in expiring:
             del self.windowed[key.size].relative_to(float(key.start))[
                 (partition, key.intent, key.agent_version)]
         windows.drop(expiring)
-        # Emission marks and deletes need no wait: Faust commits this event's offset only
+        # Emission marks and deletes need no wait: Faust commits this batch's offsets only
         # once they reached the broker, and until then the resend guard covers a crash.
         for table in self.tables.values():
             table.settle()
 
-    async def _emit(self, message: Any, windows: PartitionWindows, closing: list[WindowKey]
-                    ) -> None:
-        partition = message.partition
+    async def _emit(self, partition: int, offset: int, windows: PartitionWindows,
+                    closing: list[WindowKey]) -> None:
         guard = await self._guard(partition)
-        source = {"topic": message.topic, "partition": partition, "offset": message.offset}
+        source = {"topic": self.settings.events_topic, "partition": partition, "offset": offset}
         headers = [(HORIZON_HEADER, str(guard.horizon).encode())]
         acks = []
         for key in closing:
@@ -244,6 +248,7 @@ class WindowTables:
         self.windowed[key.size].relative_to(float(key.start))[
             (partition, key.intent, key.agent_version)] = cell.to_bytes()
 
-    async def _acknowledged(self) -> None:
+    async def acknowledged(self, partition: int) -> None:
+        """Wait until every cell of `partition` written so far has reached the broker."""
         for table in self.tables.values():
-            await table.acknowledged()
+            await table.acknowledged(partition)

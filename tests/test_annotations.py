@@ -184,14 +184,14 @@ def test_planning_writes_nothing_until_committed() -> None:
     first, resolved = (parse_event(line) for line in _resolved("c1"))
     ledger.apply_event(cases, first, 0, 0)
     before = dict(cases)
-    step = ledger.plan_event(cases, resolved, 0, 1)
-    assert step is not None
-    assert [r.reason for r in step.routes] == [RANDOM_SAMPLE]
+    plan = ledger.plan_batch(cases, {}, 0, [(1, resolved)])
+    [applied] = plan.applied
+    assert [r.reason for r in applied.step.routes] == [RANDOM_SAMPLE]
     assert cases == before and ledger.aggregates[0].series.get(
         (kpis.ANNOTATION, (RANDOM_SAMPLE,), ("refund", "unknown", "unknown"))) is None
-    ledger.commit_event(cases, resolved, 0, step)
+    ledger.commit_batch(cases, plan)
     assert cases != before
-    assert ledger.plan_event(cases, resolved, 0, 1) is None  # a redelivery now
+    assert ledger.plan_batch(cases, {}, 0, [(1, resolved)]).applied == []  # a redelivery now
 
 
 # --- the resend guard -----------------------------------------------------------------------

@@ -252,6 +252,20 @@ async def test_a_partition_whose_due_record_never_arrives_is_fetched_again() -> 
     assert consumer.sought == [(A, 9), (A, 9)]
 
 
+async def test_a_partition_is_not_stalled_while_the_agent_processes_a_batch() -> None:
+    consumer = patched([])
+    deliveries = keep_seeks_over_stale_reads(consumer)
+    await consumer.seek(A, 9)
+    consumer.highwaters = {A: 10}
+    with deliveries.processing():  # e.g. a batch that takes longer than the idle time
+        await deliveries.refetch_stalled(idle_s=0)
+        assert consumer.sought == [(A, 9)]
+    await deliveries.refetch_stalled(idle_s=60)  # the wait starts again after the batch
+    assert consumer.sought == [(A, 9)]
+    await deliveries.refetch_stalled(idle_s=0)
+    assert consumer.sought == [(A, 9), (A, 9)]
+
+
 async def test_only_the_agents_topics_are_watched() -> None:
     consumer = Consumer([], {})
     deliveries = keep_seeks_over_stale_reads(consumer, topics={"links"})

@@ -87,11 +87,11 @@ class Driver:
             return
         windows = self.windows.setdefault(partition, PartitionWindows(partition, self.rules))
         before = self.ledger.watermarks.get(partition)
-        step = self.ledger.plan_event(self.cases, event, partition, offset)
-        if step is not None:
+        plan = self.ledger.plan_batch(self.cases, {}, partition, [(offset, event)])
+        for applied in plan.applied:
             windows.fold(offset, event.ts_us, self.rules.late_sizes(event.ts_us, before),
-                         step.facts)
-            self.ledger.commit_event(self.cases, event, partition, step)
+                         applied.step.facts)
+        self.ledger.commit_batch(self.cases, plan)
         watermark = self.ledger.watermarks.get(partition)
         for key in windows.closing(watermark):
             self.emitted.append((partition, key, windows.mark_emitted(key).figures()))
