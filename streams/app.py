@@ -232,10 +232,12 @@ def build_app(settings: Settings) -> faust.App:
         """One partition's events, in offset order: every side effect of the batch is
         acknowledged before its cases are written (docs/architecture.md)."""
         ensure_built({partition})
+        # In offset order, each once: a seek back (a rebalance, a refetch) can hand some
+        # records over again inside one batch.
         messages = {event.message.offset: event.message for event in events}
-        guard = await resend_guard(partition, events[0].message.offset)
-        batch = [(offset, parse_or_invalid(message.value))
-                 for offset, message in messages.items()]
+        batch = [(offset, parse_or_invalid(messages[offset].value))
+                 for offset in sorted(messages)]
+        guard = await resend_guard(partition, batch[0][0])
         with writes_on(events[-1]):
             async with case_locks[partition]:
                 plan = ledger.plan_batch(cases, partition_records, partition, batch)
