@@ -26,7 +26,7 @@ from .cases import SECOND_US, WindowPolicy
 from .config import Settings
 from .events import Event, InvalidEvent, parse_event
 from .exporter import LabelBounds, WorkerView, build_registry
-from .faust_batches import ends_from_fetches, writes_on
+from .faust_batches import AcknowledgedTable, ends_from_fetches, writes_on
 from .faust_fixes import (
     commit_only_contiguous,
     complete_flushes,
@@ -36,7 +36,7 @@ from .faust_fixes import (
 )
 from .ledger import BatchPlan, Ledger
 from .security import faust_credentials, kafka_client_kwargs
-from .window_tables import AcknowledgedTable, WindowTables
+from .window_tables import WindowTables
 
 log = logging.getLogger("acsr_metrics")
 
@@ -151,7 +151,7 @@ def build_app(settings: Settings) -> faust.App:
         fact_windows=False,  # the window tables hold the windows
     )
     guards: dict[int, ResendGuard] = {}  # per events partition, since it was assigned
-    # Held from planning an event to writing its case, so no link write lands in between.
+    # Held from planning a batch to writing its cases, so no link write lands in between.
     case_locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
     annotation_topic_ready = asyncio.Event()
     window_tables = WindowTables(app, settings, ledger.windows, ledger.watermarks.get,

@@ -6,6 +6,8 @@ being processed", which Faust reads from a context variable set per event by
 task, so in the agent that variable names no event, or one of another partition.
 `writes_on(event)` names the event whose partition the writes made inside it belong
 to; tables keep deciding the partition themselves, as with one event at a time.
+`AcknowledgedTable` lets a batch wait until its writes to one changelog partition
+reached the broker, before the writes that depend on them.
 
 2. Changelog ends on the embedded broker. Table recovery reads each changelog up to the
 end offset `consumer.highwaters()` gets from ListOffsets. Tansu (0.6) answers a batch's
@@ -23,6 +25,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import faust
 from aiokafka import TopicPartition
 from faust import streams
 
@@ -37,6 +40,31 @@ def writes_on(event: Any) -> Iterator[None]:
         yield
     finally:
         streams._current_event.reset(token)
+
+
+class AcknowledgedTable(faust.Table):
+    """A table whose changelog writes can be awaited until the broker acknowledged them,
+    per changelog partition (batches of several partitions are processed at once)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unacknowledged: dict[int | None, list[Any]] = {}
+
+    def send_changelog(self, partition: int | None, *args: Any, **kwargs: Any) -> Any:
+        sent = super().send_changelog(partition, *args, **kwargs)
+        self._unacknowledged.setdefault(partition, []).append(sent)
+        return sent
+
+    async def acknowledged(self, partition: int) -> None:
+        """Wait for every write to `partition` made since the last call."""
+        for sent in self._unacknowledged.pop(partition, ()):
+            await sent
+
+    def settle(self) -> None:
+        """Stop tracking writes already acknowledged (for writes nobody waits for)."""
+        self._unacknowledged = {
+            partition: pending for partition, sent in self._unacknowledged.items()
+            if (pending := [fut for fut in sent if not fut.done()])}
 
 
 def ends_from_fetches(consumer: Any, bootstrap: str, client: Mapping[str, Any]) -> None:

@@ -36,6 +36,7 @@ from .annotation_log import ensure_copartitioned, load_guard
 from .annotations import HORIZON_HEADER, ResendGuard, TailRecord
 from .cases import WindowPolicy
 from .config import Settings
+from .faust_batches import AcknowledgedTable
 from .ledger import BatchPlan
 from .windows import (
     SCHEMA_VERSION,
@@ -53,31 +54,6 @@ log = logging.getLogger("acsr_metrics")
 
 WINDOW_REASON = "window"  # the resend guard's second key part for window messages
 LatestClosed = dict[int, list[tuple[WindowKey, Cell]]]
-
-
-class AcknowledgedTable(faust.Table):
-    """A table whose changelog writes can be awaited until the broker acknowledged them,
-    per changelog partition (batches of several partitions are processed at once)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._unacknowledged: dict[int | None, list[Any]] = {}
-
-    def send_changelog(self, partition: int | None, *args: Any, **kwargs: Any) -> Any:
-        sent = super().send_changelog(partition, *args, **kwargs)
-        self._unacknowledged.setdefault(partition, []).append(sent)
-        return sent
-
-    async def acknowledged(self, partition: int) -> None:
-        """Wait for every write to `partition` made since the last call."""
-        for sent in self._unacknowledged.pop(partition, ()):
-            await sent
-
-    def settle(self) -> None:
-        """Stop tracking writes already acknowledged (for writes nobody waits for)."""
-        self._unacknowledged = {
-            partition: pending for partition, sent in self._unacknowledged.items()
-            if (pending := [fut for fut in sent if not fut.done()])}
 
 
 def tail_record(record: ConsumerRecord) -> TailRecord | None:
