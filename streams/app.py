@@ -58,6 +58,12 @@ class BrokerStateLost(RuntimeError):
     """The broker lost offsets this worker committed, and with them its log: stop."""
 
 
+def keep_uncommitted(events: list[Any]) -> None:
+    """Make Faust's later acknowledgement of these events a no-op (see Deliveries)."""
+    for event in events:
+        event.message.acked = True
+
+
 def parse_or_invalid(value: bytes | None) -> Event | InvalidEvent:
     try:
         return parse_event(value)
@@ -280,11 +286,19 @@ def build_app(settings: Settings) -> faust.App:
     @app.agent(events_topic)
     async def process_events(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.batch_max, settings.batch_wait_s):
-            by_partition = await deliveries.by_partition(events)
-            with deliveries.processing():
-                # Partitions at once: each waits for the broker, none for the others.
-                await asyncio.gather(*(process_partition(partition, in_partition)
-                                       for partition, in_partition in by_partition.items()))
+            try:
+                by_partition = await deliveries.by_partition(events)
+                with deliveries.processing():
+                    # Partitions at once: each waits for the broker, none for the others.
+                    await asyncio.gather(*(process_partition(partition, in_partition)
+                                           for partition, in_partition in by_partition.items()))
+            except BaseException:
+                # Stopped (a SIGTERM cancels the agent) or crashed inside a batch:
+                # `take_events` acknowledges the whole batch on its way out, which would let
+                # a commit pass events never processed. Marked acknowledged, Faust leaves them
+                # uncommitted; the next owner takes them again (applied ones are skipped).
+                keep_uncommitted(events)
+                raise
 
     async def process_partition(partition: int, events: list[Any]) -> None:
         try:

@@ -75,7 +75,9 @@ async def wait_ready(worker: WorkerProcess, partitions: int, timeout_s: float = 
 async def test_lag_rises_in_a_burst_drains_after_and_memory_stays_bounded(
     kafka: BrokerInfo, tmp_path: Path
 ) -> None:
-    settings = run_settings(kafka, 4)
+    # Five events per batch keep the worker's capacity (a few hundred events/s) between
+    # the steady rate and the burst's, which is what this test is about.
+    settings = run_settings(kafka, 4, batch_max=5)
     await create_topics(settings)
     lines = list(generate(250, seed=23, invalid_share=0, duplicate_share=0))
     steady, burst, after = (lines[:8 * STEADY_RATE], lines[8 * STEADY_RATE:][:4 * BURST_RATE],
