@@ -31,6 +31,7 @@ from .faust_fixes import (
     commit_only_contiguous,
     complete_flushes,
     keep_seeks_over_stale_reads,
+    keep_uncommitted,
     seek_uncommitted_to_beginning,
     stop_when_offsets_vanish,
 )
@@ -56,12 +57,6 @@ STALLED_DELIVERY_S = 5.0  # a due record held by the broker that long is fetched
 
 class BrokerStateLost(RuntimeError):
     """The broker lost offsets this worker committed, and with them its log: stop."""
-
-
-def keep_uncommitted(events: list[Any]) -> None:
-    """Make Faust's later acknowledgement of these events a no-op (see Deliveries)."""
-    for event in events:
-        event.message.acked = True
 
 
 def parse_or_invalid(value: bytes | None) -> Event | InvalidEvent:
@@ -287,7 +282,8 @@ def build_app(settings: Settings) -> faust.App:
     async def process_events(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.batch_max, settings.batch_wait_s):
             try:
-                by_partition = await deliveries.by_partition(events)
+                by_partition = await deliveries.by_partition(events,
+                                                             app.consumer_generation_id)
                 with deliveries.processing():
                     # Partitions at once: each waits for the broker, none for the others.
                     await asyncio.gather(*(process_partition(partition, in_partition)
@@ -297,7 +293,7 @@ def build_app(settings: Settings) -> faust.App:
                 # `take_events` acknowledges the whole batch on its way out, which would let
                 # a commit pass events never processed. Marked acknowledged, Faust leaves them
                 # uncommitted; the next owner takes them again (applied ones are skipped).
-                keep_uncommitted(events)
+                keep_uncommitted(event.message for event in events)
                 raise
 
     async def process_partition(partition: int, events: list[Any]) -> None:

@@ -127,6 +127,13 @@ def seek_uncommitted_to_beginning(consumer: Any) -> None:
     consumer._seeks_uncommitted = True
 
 
+def keep_uncommitted(messages: Iterable[Any]) -> None:
+    """Make Faust's later acknowledgement of these messages a no-op: no commit passes
+    them, and they are fetched again after the next seek or rebalance."""
+    for message in messages:
+        message.acked = True
+
+
 class Deliveries:
     """Where each partition's next record is due, as its consumer's seeks left it.
 
@@ -170,16 +177,28 @@ class Deliveries:
             return True
         # Not acknowledged either: acknowledged, it would let a commit pass it (once the
         # records before it are) before it came again and was processed.
-        message.acked = True
+        keep_uncommitted([message])
         if self.refetching.get(tp) != due:
             await self._refetch(tp, due, f"record {offset} arrived first")
         return False
 
-    async def by_partition(self, events: Iterable[Any]) -> dict[int, list[Any]]:
-        """A batch's events that may be processed, grouped by partition, each in order."""
+    async def by_partition(self, events: Iterable[Any], generation: int
+                           ) -> dict[int, list[Any]]:
+        """A batch's events that may be processed, grouped by partition, each in order.
+
+        Events fetched before the consumer's latest rebalance (`generation`) are left
+        out and uncommitted. A batch can hold them across a rebalance, which Faust's own
+        check (one event at a time) never lets through; processed, they would write to a
+        table while its recovery reads the changelog, and recovery would overwrite them.
+        The partition's owner fetches them again once its tables are recovered."""
         grouped: dict[int, list[Any]] = {}
+        stale = [event.message for event in events if event.message.generation_id != generation]
+        if stale:
+            keep_uncommitted(stale)
+            log.info("%d events fetched before the last rebalance left to be fetched again",
+                     len(stale))
         for event in events:
-            if await self.in_order(event.message):
+            if event.message.generation_id == generation and await self.in_order(event.message):
                 grouped.setdefault(event.message.partition, []).append(event)
         return grouped
 

@@ -164,8 +164,13 @@ async def test_patching_twice_changes_nothing() -> None:
 
 
 class Message:
-    def __init__(self, tp: TP, offset: int) -> None:
+    def __init__(self, tp: TP, offset: int, generation_id: int = 1) -> None:
         self.tp, self.offset, self.acked = tp, offset, False
+        self.partition, self.generation_id = tp.partition, generation_id
+
+
+class Event(NamedTuple):
+    message: Message
 
 
 async def test_a_record_ahead_of_its_due_offset_is_skipped_and_fetched_again() -> None:
@@ -186,6 +191,20 @@ async def test_a_record_ahead_of_its_due_offset_is_skipped_and_fetched_again() -
         assert not again.acked  # left to Faust
     assert await deliveries.in_order(Message(A, 5))
     assert await deliveries.in_order(Message(B, 99))  # nothing due yet on B
+
+
+async def test_a_batch_leaves_out_events_fetched_before_the_last_rebalance() -> None:
+    consumer = patched([])
+    deliveries = keep_seeks_over_stale_reads(consumer)
+    await consumer.seek(A, 10)  # generation 2's assignment: A from its committed offset 10
+    # Held by the batch across the rebalance: 10 and 11 of generation 1, and B's 7.
+    before = [Message(A, 10, 1), Message(A, 11, 1), Message(B, 7, 1)]
+    after = [Message(A, 10, 2), Message(A, 11, 2)]
+    grouped = await deliveries.by_partition([Event(m) for m in [*before, *after]], 2)
+    assert {p: [e.message for e in es] for p, es in grouped.items()} == {0: after}
+    assert all(m.acked for m in before)  # uncommitted: fetched again after recovery
+    assert not any(m.acked for m in after)
+    assert consumer.sought == [(A, 10)]  # nothing looked out of order
 
 
 async def test_a_revoked_partition_has_nothing_due() -> None:
