@@ -35,6 +35,7 @@ from .faust_fixes import (
     seek_uncommitted_to_beginning,
     stop_when_offsets_vanish,
 )
+from .faust_handover import hand_over_eagerly
 from .ledger import BatchPlan, Ledger
 from .security import faust_credentials, kafka_client_kwargs
 from .window_tables import WindowTables
@@ -117,6 +118,7 @@ def build_app(settings: Settings) -> faust.App:
     deliveries = keep_seeks_over_stale_reads(
         app.consumer, {settings.events_topic, settings.links_topic})
     commit_only_contiguous(app.consumer)  # a commit never passes an unprocessed record
+    hand_over_eagerly(app.consumer)  # no tasks per fetched record
 
     async def stop_on_lost_offsets(lost: list[Any]) -> None:
         err = BrokerStateLost(
