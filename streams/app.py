@@ -60,6 +60,15 @@ class BrokerStateLost(RuntimeError):
     """The broker lost offsets this worker committed, and with them its log: stop."""
 
 
+def tables_recovering(app: faust.App) -> bool:
+    """True until this worker's tables are recovered, in every rebalance.
+
+    Faust sets `recovery.completed` once and never clears it; `rebalancing` covers each
+    later rebalance, from its start until its recovery is done. Read in between, a
+    partition's aggregate would be derived from half-recovered tables."""
+    return app.rebalancing or not app.tables.recovery.completed.is_set()
+
+
 def parse_or_invalid(value: bytes | None) -> Event | InvalidEvent:
     try:
         return parse_event(value)
@@ -331,7 +340,7 @@ def build_app(settings: Settings) -> faust.App:
                 if tp.topic == settings.events_topic}
 
     def recovering() -> bool:
-        return not app.tables.recovery.completed.is_set()
+        return tables_recovering(app)
 
     @app.timer(interval=DELIVERY_CHECK_S)
     async def refetch_stalled_partitions() -> None:
