@@ -177,6 +177,13 @@ _SCHEMAS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 EVENT_TYPES = tuple(_SCHEMAS)
 
 _ENVELOPE_OPTIONAL = {name: _string(max_len, 1) for name, max_len in _DIMENSION_MAX_LEN.items()}
+# type -> (required names, every (name, check) in the order they are checked)
+_FIELD_CHECKS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, Any], ...]]] = {
+    event_type: (tuple(required), tuple((name, check)
+                                        for checks in (required, optional, _ENVELOPE_OPTIONAL)
+                                        for name, check in checks.items()))
+    for event_type, (required, optional) in _SCHEMAS.items()
+}
 
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"
@@ -288,22 +295,22 @@ def validate_event(doc: dict[str, Any]) -> Event:
     event_type = doc["type"]
     if not isinstance(event_type, str):
         raise InvalidEvent("bad_field", "type must be a string")
-    schema = _SCHEMAS.get(event_type)
+    schema = _FIELD_CHECKS.get(event_type)
     if schema is None:
         raise InvalidEvent("unknown_type", f"unknown type {event_type[:64]!r}")
     version = doc.get("schema_version")
     if version is not None and not (_is_integer(version) and version == 1):
         raise InvalidEvent("bad_schema_version", "schema_version must be 1")
     ts_us = parse_ts(doc["ts"])
-    required, optional = schema
+    required, checks = schema
+    get = doc.get
     for name in required:
-        if doc.get(name) is None:
+        if get(name) is None:
             raise InvalidEvent("missing_field", f"{event_type} requires {name}")
-    for checks in (required, optional, _ENVELOPE_OPTIONAL):
-        for name, check in checks.items():
-            value = doc.get(name)
-            if value is not None and not check(value):
-                raise InvalidEvent("bad_field", f"{name} has the wrong type or is out of range")
+    for name, check in checks:
+        value = get(name)
+        if value is not None and not check(value):
+            raise InvalidEvent("bad_field", f"{name} has the wrong type or is out of range")
     return Event(doc["event_id"], event_type, doc["case_id"], ts_us, doc)
 
 
