@@ -90,6 +90,7 @@ class BenchOptions:
     events: int = 500_000
     partitions: int = 4
     repeats: int = 3
+    workers: int = 1  # in the processor's consumer group
     latency_s: float = 30.0
     open_cases: int = 100_000
     latency: bool = True
@@ -123,6 +124,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help=f"partitions of the events topic (default {defaults.partitions})")
     bench.add_argument("--repeats", type=int, default=defaults.repeats,
                        help=f"throughput runs of each kind (default {defaults.repeats})")
+    bench.add_argument("--workers", type=int, default=defaults.workers,
+                       help="workers in the processor's consumer group, to measure scale-out "
+                       f"(default {defaults.workers}: the throughput of one worker)")
     bench.add_argument("--latency-seconds", type=float, default=defaults.latency_s,
                        help=f"length of the latency run (default {defaults.latency_s:g})")
     bench.add_argument("--open-cases", type=int, default=defaults.open_cases,
@@ -150,6 +154,9 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         raise ConfigError(f"--partitions must be > 0, got {args.partitions}")
     if args.repeats <= 0:
         raise ConfigError(f"--repeats must be > 0, got {args.repeats}")
+    if not 0 < args.workers <= args.partitions:
+        raise ConfigError(f"--workers must be 1 to --partitions ({args.partitions}), got "
+                          f"{args.workers}: a worker without a partition is idle")
     if not args.no_latency and not args.latency_seconds > 0:
         raise ConfigError(f"--latency-seconds must be > 0, got {args.latency_seconds:g} "
                           "(or skip the run with --no-latency)")
@@ -167,6 +174,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     if not parent.is_dir():
         raise ConfigError(f"--out {args.out}: directory {parent} does not exist")
     return BenchOptions(events=args.events, partitions=args.partitions, repeats=args.repeats,
+                        workers=args.workers,
                         latency_s=args.latency_seconds, open_cases=args.open_cases,
                         latency=not args.no_latency, memory=not args.no_memory,
                         seed=args.seed, scrape_s=args.scrape_interval,
@@ -345,7 +353,9 @@ def format_table(results: dict[str, Any]) -> str:
         rows.append((label, *(f"{summary[k]:,.{digits}f}" for k in ("min", "median", "max"))))
 
     add("raw ceiling (ev/s)", throughput["raw"]["summary"])
-    add("processor, 1 worker (ev/s)", throughput["processor"]["summary"])
+    workers = results["config"].get("workers", 1)
+    add(f"processor, {workers} worker{'s' if workers > 1 else ''} (ev/s)",
+        throughput["processor"]["summary"])
     add("worker start to 1st event (s)", throughput["processor"]["start_summary"], 1)
     add("worker peak RSS, VmHWM (MB)", throughput["processor"]["peak_rss_summary"], 0)
     lines = [f"{rows[0][0]:<32}{rows[0][1]:>12}{rows[0][2]:>12}{rows[0][3]:>12}"]
@@ -448,11 +458,12 @@ async def wait_ready(cluster: Cluster, worker: WorkerProcess, session: aiohttp.C
 
 
 @contextlib.asynccontextmanager
-async def one_worker(settings: Settings, log_dir: Path
+async def one_worker(settings: Settings, log_dir: Path, workers: int = 1
                      ) -> AsyncIterator[tuple[Cluster, WorkerProcess]]:
-    """One worker process of its own consumer group, stopped however the block ends."""
+    """A consumer group of its own (one worker unless said) and its first worker, stopped
+    however the block ends."""
     await create_topics(settings)
-    cluster = Cluster(settings, 1, log_dir)
+    cluster = Cluster(settings, workers, log_dir)
     try:
         cluster.start()
         yield cluster, cluster.workers[0]
@@ -460,8 +471,8 @@ async def one_worker(settings: Settings, log_dir: Path
         cluster.stop()
 
 
-async def raw_ceiling(settings: Settings, ends: dict[int, int], stall_s: float
-                      ) -> dict[str, Any]:
+async def raw_ceiling(settings: Settings, ends: dict[int, int], stall_s: float,
+                      progress: Progress | None = None) -> dict[str, Any]:
     """A bare consumer reads every event up to `ends`, decodes it and counts it by type:
     what the broker and the client library allow, without any processing. Timed from the
     first fetch (the consumer's start excluded) to the last record counted."""
@@ -493,6 +504,8 @@ async def raw_ceiling(settings: Settings, ends: dict[int, int], stall_s: float
                     read += 1
                     kind = _event_type(record.value)
                     counts[kind] = counts.get(kind, 0) + 1
+            if progress is not None:
+                progress.maybe(lambda done=read: f"{done:,}/{total:,} events read")
         done = time.monotonic()
     seconds = done - first
     return {"events": read, "seconds": seconds, "rate": rate(read, seconds),
@@ -509,15 +522,16 @@ def _event_type(value: bytes | None) -> str:
 
 
 async def worker_throughput(settings: Settings, ends: dict[int, int], log_dir: Path,
-                            label: str, say: Say, stall_s: float) -> dict[str, Any]:
-    """One worker processes every event: rate from its first processed event (its start
-    and group join excluded) until its group has committed every offset."""
+                            label: str, say: Say, stall_s: float, workers: int = 1
+                            ) -> dict[str, Any]:
+    """The group's workers (one unless said) process every event: rate from the first
+    processed event (start and group join excluded) until every offset is committed."""
     total = sum(ends.values())
     progress = Progress(say, label)
     t0: float | None = None
     processed_at_t0 = 0
     rss_max_kb = 0
-    async with (one_worker(settings, log_dir) as (cluster, worker),
+    async with (one_worker(settings, log_dir, workers) as (cluster, worker),
                 group_offsets(settings.bootstrap_servers, settings.app_id,
                               kafka_client_kwargs(settings)) as offsets,
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session):
@@ -526,16 +540,17 @@ async def worker_throughput(settings: Settings, ends: dict[int, int], log_dir: P
         while True:
             cluster.check_alive()
             polled = time.monotonic()
-            text = await scrape(session, worker) if t0 is None else None
+            texts = ([await scrape(session, each) for each in cluster.workers]
+                     if t0 is None else [])
             done = sum(min(offset, ends.get(partition, 0)) for partition, offset in
                        (await committed(offsets, settings.events_topic,
                                         settings.partitions)).items())
             if t0 is None:
-                count = processed_count(text) if text is not None else 0
+                count = sum(processed_count(text) for text in texts if text is not None)
                 if done > 0 or count > 0:
                     t0, processed_at_t0 = polled, max(done, count)
-            status = worker.memory_kb()
-            rss_max_kb = max(rss_max_kb, status.get("VmRSS", 0))
+            rss_max_kb = max(rss_max_kb, *(each.memory_kb().get("VmRSS", 0)
+                                           for each in cluster.workers))
             if done >= total:
                 finished = time.monotonic()
                 break
@@ -548,7 +563,7 @@ async def worker_throughput(settings: Settings, ends: dict[int, int], log_dir: P
             if progress.due():
                 say(f"bench: {label}: {_throughput_progress(done, total, t0, processed_at_t0)}")
             await asyncio.sleep(max(0.0, polled + POLL_S - time.monotonic()))
-        peak_kb = worker.memory_kb().get("VmHWM", 0)
+        peak_kb = max(each.memory_kb().get("VmHWM", 0) for each in cluster.workers)
     assert t0 is not None  # done >= total > 0 sets it
     seconds = finished - t0
     return {"events": total, "events_after_t0": total - processed_at_t0, "seconds": seconds,
@@ -707,7 +722,8 @@ async def run_bench(options: BenchOptions, settings: Settings, work_dir: Path, s
         f"({hours:.1f} simulated hours)")
     raw_runs, worker_runs = [], []
     for repeat in range(1, options.repeats + 1):
-        raw = await raw_ceiling(loaded, ends, options.stall_timeout_s)
+        raw = await raw_ceiling(loaded, ends, options.stall_timeout_s,
+                                Progress(say, f"raw ceiling {repeat}/{options.repeats}"))
         raw_runs.append(raw)
         say(f"bench: raw ceiling {repeat}/{options.repeats}: {raw['events']:,} events in "
             f"{raw['seconds']:.2f}s, {raw['rate']:,.0f} ev/s")
@@ -717,7 +733,7 @@ async def run_bench(options: BenchOptions, settings: Settings, work_dir: Path, s
                               events_topic=loaded.events_topic)
         say(f"bench: {label}: starting (group {group.app_id})")
         result = await worker_throughput(group, ends, work_dir, label, say,
-                                         options.stall_timeout_s)
+                                         options.stall_timeout_s, options.workers)
         worker_runs.append(result)
         say(f"bench: {label}: {result['events_after_t0']:,} events in {result['seconds']:.1f}s"
             f" after its first, {result['rate']:,.0f} ev/s (started in {result['start_s']:.1f}s,"

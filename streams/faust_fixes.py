@@ -71,7 +71,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 POLL_S = 0.005
@@ -182,7 +182,7 @@ class Deliveries:
             await self._refetch(tp, due, f"record {offset} arrived first")
         return False
 
-    async def by_partition(self, events: Iterable[Any], generation: int
+    async def by_partition(self, events: Sequence[Any], generation: int
                            ) -> dict[int, list[Any]]:
         """A batch's events that may be processed, grouped by partition, each in order.
 

@@ -125,12 +125,15 @@ def test_flags_become_options() -> None:
     assert (options.events, options.repeats, options.memory, options.latency,
             options.seed) == (1500, 1, False, True, 7)
     assert _options().events == 500_000
+    assert (_options().workers, _options("--workers", "2").workers) == (1, 2)
 
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--events", "0"], "--events must be > 0"),
     (["--repeats", "-1"], "--repeats must be > 0"),
     (["--partitions", "0"], "--partitions must be > 0"),
+    (["--workers", "0"], "--workers must be 1 to --partitions (4), got 0"),
+    (["--workers", "3", "--partitions", "2"], "--workers must be 1 to --partitions (2), got 3"),
     (["--latency-seconds", "0"], "--latency-seconds must be > 0"),
     (["--open-cases", "0"], "--open-cases must be > 0"),
     (["--scrape-interval", "0"], "--scrape-interval must be > 0"),
@@ -163,7 +166,9 @@ def test_summary_table() -> None:
         "latency": {"skipped": True}, "memory": {"skipped": True},
     }
     table = bench.format_table(results)
-    assert "raw ceiling (ev/s)" in table
+    assert "raw ceiling (ev/s)" in table and "processor, 1 worker (ev/s)" in table
+    assert "processor, 2 workers (ev/s)" in bench.format_table(
+        {**results, "config": {"partitions": 4, "workers": 2}})
     assert "latency: skipped" in table and "memory: skipped" in table
     results["latency"] = {"rate": 230.0, "sent": 3450, "covered": 3450, "p50_s": 1.05,
                           "p99_s": 1.74, "scrape_interval_s": 1.0, "scrape_p50_s": 0.039,
@@ -180,7 +185,7 @@ def test_a_tiny_bench_run(kafka: BrokerInfo, tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     flags = ["--broker", kafka.bootstrap, *(["--tansu"] if kafka.embedded else []),
              "--events", "1500", "--repeats", "1", "--latency-seconds", "3",
-             "--open-cases", "500", "--out", str(out)]
+             "--open-cases", "500", "--workers", "2", "--out", str(out)]
     done = subprocess.run([sys.executable, "-m", "streams.cli", "bench", *flags],
                           capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -190,6 +195,7 @@ def test_a_tiny_bench_run(kafka: BrokerInfo, tmp_path: Path) -> None:
     processor, raw = int(match.group(1)), int(match.group(2))
     assert processor > 0 and raw > 0
     assert "bench: worker 1/1" in done.stderr  # progress goes to stderr
+    assert "processor, 2 workers (ev/s)" in done.stdout
     results = json.loads(out.read_text())
     assert results["line"] == last
     throughput = results["throughput"]
