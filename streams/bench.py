@@ -6,9 +6,10 @@ One run, on the embedded broker (or `--broker`), every topic and consumer group 
 1. N simulator events (deterministic: same seed, same events) are loaded into a fresh
    events topic; loading is not measured.
 2. Throughput, `--repeats` times side by side: (a) the raw ceiling, a bare consumer that
-   reads and decodes every event and counts it by type; (b) one real worker, from its
-   first processed event (its start and group join are excluded) until its consumer
-   group has committed every offset. Each repeat uses a consumer group of its own.
+   reads and decodes every event and counts it by type; (b) one real worker (or
+   `--workers N` in one group, to measure scale-out), from the first processed event
+   (start and group join are excluded) until the consumer group has committed every
+   offset. Each repeat uses a consumer group of its own.
 3. Latency: a fresh, warmed-up worker fed at half the median worker rate; an event's
    latency runs from its send to the first /metrics scrape whose event counters cover it.
 4. Memory: a fresh, warmed-up worker's RSS before and after N distinct cases are opened;
@@ -458,7 +459,7 @@ async def wait_ready(cluster: Cluster, worker: WorkerProcess, session: aiohttp.C
 
 
 @contextlib.asynccontextmanager
-async def one_worker(settings: Settings, log_dir: Path, workers: int = 1
+async def worker_group(settings: Settings, log_dir: Path, workers: int = 1
                      ) -> AsyncIterator[tuple[Cluster, WorkerProcess]]:
     """A consumer group of its own (one worker unless said) and its first worker, stopped
     however the block ends."""
@@ -531,7 +532,7 @@ async def worker_throughput(settings: Settings, ends: dict[int, int], log_dir: P
     t0: float | None = None
     processed_at_t0 = 0
     rss_max_kb = 0
-    async with (one_worker(settings, log_dir, workers) as (cluster, worker),
+    async with (worker_group(settings, log_dir, workers) as (cluster, worker),
                 group_offsets(settings.bootstrap_servers, settings.app_id,
                               kafka_client_kwargs(settings)) as offsets,
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session):
@@ -591,7 +592,7 @@ async def measure_latency(settings: Settings, warmup: list[bytes], lines: list[b
     scrape_s: list[float] = []  # how long each scrape took
     sent_at: list[float] = []
     progress = Progress(say, "latency")
-    async with (one_worker(settings, log_dir) as (cluster, worker),
+    async with (worker_group(settings, log_dir) as (cluster, worker),
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session):
         await wait_ready(cluster, worker, session, settings.partitions, stall_s)
 
@@ -676,7 +677,7 @@ async def measure_memory(settings: Settings, cases: int, run: str, log_dir: Path
                              stall_s)
         await asyncio.sleep(SETTLE_S)  # idle again: the reading is not mid-batch
 
-    async with (one_worker(settings, log_dir) as (cluster, worker),
+    async with (worker_group(settings, log_dir) as (cluster, worker),
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session):
         await wait_ready(cluster, worker, session, settings.partitions, stall_s)
         await open_cases(lines[:warm], 0)
