@@ -71,7 +71,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 POLL_S = 0.005
@@ -182,7 +182,7 @@ class Deliveries:
             await self._refetch(tp, due, f"record {offset} arrived first")
         return False
 
-    async def by_partition(self, events: Sequence[Any], generation: int
+    async def by_partition(self, events: Iterable[Any], generation: int
                            ) -> dict[int, list[Any]]:
         """A batch's events that may be processed, grouped by partition, each in order.
 
@@ -192,14 +192,17 @@ class Deliveries:
         table while its recovery reads the changelog, and recovery would overwrite them.
         The partition's owner fetches them again once its tables are recovered."""
         grouped: dict[int, list[Any]] = {}
-        stale = [event.message for event in events if event.message.generation_id != generation]
+        stale = []
+        for event in events:
+            message = event.message
+            if message.generation_id != generation:
+                stale.append(message)
+            elif await self.in_order(message):
+                grouped.setdefault(message.partition, []).append(event)
         if stale:
             keep_uncommitted(stale)
             log.info("%d events fetched before the last rebalance left to be fetched again",
                      len(stale))
-        for event in events:
-            if event.message.generation_id == generation and await self.in_order(event.message):
-                grouped.setdefault(event.message.partition, []).append(event)
         return grouped
 
     @contextlib.contextmanager
