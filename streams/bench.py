@@ -8,8 +8,10 @@ One run, on the embedded broker (or `--broker`), every topic and consumer group 
 2. Throughput, `--repeats` times side by side: (a) the raw ceiling, a bare consumer that
    reads and decodes every event and counts it by type; (b) one real worker (or
    `--workers N` in one group, to measure scale-out), from the first processed event
-   (start and group join are excluded) until the consumer group has committed every
-   offset. Each repeat uses a consumer group of its own.
+   (start, group join and the first batch's one-off costs are excluded) until the
+   consumer group has committed every offset. Each repeat uses a consumer group of its
+   own. A run too small to outlast its first batch is measured from the moment the group
+   owned every partition instead, start costs included.
 3. Latency: a fresh, warmed-up worker fed at half the median worker rate; an event's
    latency runs from its send to the first /metrics scrape whose event counters cover it.
 4. Memory: a fresh, warmed-up worker's RSS before and after N distinct cases are opened;
@@ -340,9 +342,18 @@ def processed_count(text: str) -> int:
 
 def is_ready(text: str, partitions: int) -> bool:
     """The worker owns every partition and has recovered its tables."""
-    sums = metric_sums(text, ("acsr_partitions_owned", "acsr_table_recovery_in_progress"))
-    return (sums["acsr_partitions_owned"] == partitions
-            and sums["acsr_table_recovery_in_progress"] == 0)
+    return group_ready([text], partitions)
+
+
+def group_ready(texts: Sequence[str | None], partitions: int) -> bool:
+    """The group's workers (each /metrics exposition, None while one does not answer)
+    own every partition between them and none is recovering its tables."""
+    if any(text is None for text in texts):
+        return False
+    sums = [metric_sums(text, ("acsr_partitions_owned", "acsr_table_recovery_in_progress"))
+            for text in texts if text is not None]
+    return (sum(each["acsr_partitions_owned"] for each in sums) == partitions
+            and not any(each["acsr_table_recovery_in_progress"] for each in sums))
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -526,11 +537,12 @@ async def worker_throughput(settings: Settings, ends: dict[int, int], log_dir: P
                             label: str, say: Say, stall_s: float, workers: int = 1
                             ) -> dict[str, Any]:
     """The group's workers (one unless said) process every event: rate from the first
-    processed event (start and group join excluded) until every offset is committed."""
+    processed event (see `rate_span`) until every offset is committed."""
     total = sum(ends.values())
     progress = Progress(say, label)
     t0: float | None = None
     processed_at_t0 = 0
+    ready_at: float | None = None
     rss_max_kb = 0
     async with (worker_group(settings, log_dir, workers) as (cluster, worker),
                 group_offsets(settings.bootstrap_servers, settings.app_id,
@@ -550,6 +562,8 @@ async def worker_throughput(settings: Settings, ends: dict[int, int], log_dir: P
                 count = sum(processed_count(text) for text in texts if text is not None)
                 if done > 0 or count > 0:
                     t0, processed_at_t0 = polled, max(done, count)
+                elif group_ready(texts, settings.partitions):
+                    ready_at = polled
             rss_max_kb = max(rss_max_kb, *(each.memory_kb().get("VmRSS", 0)
                                            for each in cluster.workers))
             if done >= total:
@@ -566,10 +580,31 @@ async def worker_throughput(settings: Settings, ends: dict[int, int], log_dir: P
             await asyncio.sleep(max(0.0, polled + POLL_S - time.monotonic()))
         peak_kb = max(each.memory_kb().get("VmHWM", 0) for each in cluster.workers)
     assert t0 is not None  # done >= total > 0 sets it
-    seconds = finished - t0
-    return {"events": total, "events_after_t0": total - processed_at_t0, "seconds": seconds,
-            "rate": rate(total - processed_at_t0, seconds), "start_s": t0 - started,
+    since, measured = rate_span(t0, processed_at_t0, ready_at, total)
+    if not measured:
+        say(f"bench: {label}: every event was processed before a poll saw the group ready "
+            f"or busy: no rate; raise --events")
+    elif since != t0:
+        say(f"bench: {label}: the first batch held every event: the rate is measured from "
+            f"the group's readiness, start costs included; raise --events for a steady rate")
+    seconds = finished - since
+    return {"events": total, "events_after_t0": measured, "seconds": seconds,
+            "measured_from": "the first event" if since == t0 else "readiness",
+            "rate": rate(measured, seconds) if measured else math.nan,
+            "start_s": t0 - started,
             "rss_max_mb": rss_max_kb / 1024, "peak_rss_mb": max(peak_kb, rss_max_kb) / 1024}
+
+
+def rate_span(first_seen: float, processed_then: int, ready_at: float | None,
+              total: int) -> tuple[float, int]:
+    """Where a throughput rate starts, and the events it covers. From the first poll that
+    saw events processed, without them: the worker's one-off costs (its first fetch, the
+    readers each partition sets up) are then behind it. When that poll saw them all (the
+    run fit in one batch), from the last poll that saw the group own every partition with
+    nothing processed yet; with neither, no span (0 events)."""
+    if processed_then < total or ready_at is None:
+        return first_seen, total - processed_then
+    return ready_at, total
 
 
 def _throughput_progress(done: int, total: int, t0: float | None, at_t0: int) -> str:
@@ -737,8 +772,8 @@ async def run_bench(options: BenchOptions, settings: Settings, work_dir: Path, s
                                          options.stall_timeout_s, options.workers)
         worker_runs.append(result)
         say(f"bench: {label}: {result['events_after_t0']:,} events in {result['seconds']:.1f}s"
-            f" after its first, {result['rate']:,.0f} ev/s (started in {result['start_s']:.1f}s,"
-            f" peak RSS {result['peak_rss_mb']:.0f} MB)")
+            f" from {result['measured_from']}, {result['rate']:,.0f} ev/s"
+            f" (started in {result['start_s']:.1f}s, peak RSS {result['peak_rss_mb']:.0f} MB)")
     raw_summary = summarize([r["rate"] for r in raw_runs])
     worker_summary = summarize([r["rate"] for r in worker_runs])
     results: dict[str, Any] = {
