@@ -42,12 +42,22 @@ async def reader(bootstrap: str, group: str | None = None,
     try:
         await consumer.start()
     except BaseException:
-        await consumer.stop()  # releases what a failed start opened
+        await _stop(consumer)  # releases what a failed start opened
         raise
     try:
         yield consumer
     finally:
-        await consumer.stop()
+        await _stop(consumer)
+
+
+async def _stop(consumer: AIOKafkaConsumer) -> None:
+    # aiokafka 0.14: a consumer without a group stopped before its committed-offset task
+    # ever ran (no await in between, as with nothing assigned) raises CancelledError out
+    # of stop(). Raised in a table recovery with nothing to recover, it ended Faust's
+    # recovery task for good: the worker never recovered a partition assigned later.
+    # One turn of the event loop lets the task start.
+    await asyncio.sleep(0)
+    await consumer.stop()
 
 
 async def partition_count(consumer: AIOKafkaConsumer, topic: str) -> int:

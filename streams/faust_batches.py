@@ -71,6 +71,8 @@ def ends_from_fetches(consumer: Any, bootstrap: str, client: Mapping[str, Any]) 
     """Patch a Faust consumer: `highwaters()` from fetch responses (see the module doc)."""
 
     async def highwaters(*partitions: Any) -> Mapping[Any, int]:
+        if not partitions:  # a rebalance left nothing to recover
+            return {}
         async with reader(bootstrap, client=client) as fetcher:
             found = await high_watermarks(
                 fetcher, [TopicPartition(tp.topic, tp.partition) for tp in partitions])

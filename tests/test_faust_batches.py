@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from faust.streams import current_event
 from faust.types import TP
 
-from streams.annotation_log import reader
+from streams.annotation_log import high_watermarks, reader
 from streams.broker import ensure_topics
 from streams.faust_batches import ends_from_fetches, writes_on
 
@@ -62,3 +62,17 @@ async def test_changelog_ends_come_from_fetches_and_count_every_record(
     ends = await consumer.highwaters(TP(topic, 0), TP(topic, 1))
     assert ends == {TP(topic, 0): 12, TP(topic, 1): 0}
     assert TopicPartition(topic, 0) in ends  # Faust's and aiokafka's partitions are alike
+
+
+@pytest.mark.integration
+async def test_a_recovery_with_nothing_to_recover_raises_nothing(kafka: BrokerInfo) -> None:
+    """A rebalance that leaves a worker nothing asks for no ends; a reader opened and
+    closed at once (aiokafka once raised CancelledError there, ending Faust's recovery
+    task) raises nothing either."""
+    consumer = SimpleNamespace()
+    ends_from_fetches(consumer, kafka.bootstrap, {})
+    assert await consumer.highwaters() == {}
+    async with reader(kafka.bootstrap) as client:
+        assert await high_watermarks(client, []) == {}
+    async with reader(kafka.bootstrap):
+        pass
