@@ -45,6 +45,15 @@ read offset set during a hand-over is put back to the move's. (Ending the whole 
 any move instead lost records of the partitions that did not move: measured, 1 record
 in about 10 runs with more workers than partitions.)
 
+Faust takes offsets its fetcher skipped for offsets that hold no record (a compacted
+topic, transaction markers) and counts them acknowledged ("gaps"). The records this
+guard drops are no such thing: they are fetched again and acknowledged once processed.
+Counted as gaps they could let a commit pass records not yet processed, and once
+acknowledged for real they were counted twice: each commit then passed a single offset,
+and after a rebalance a partition's commits crawled at one record a second while its
+records were long processed (measured: 1.3 minutes for 80 records). So the patched
+consumer keeps no gaps for the topics it guards; every offset of them is a record.
+
 4. Offsets the broker lost.
 
 A partition this worker committed offsets for, found with no committed offset after a
@@ -320,6 +329,14 @@ def keep_seeks_over_stale_reads(consumer: Any, topics: Iterable[str] | None = No
                 # The fetcher marked this record read after the move: the move wins.
                 restore_read_offset(tp)
 
+    add_gap = consumer._add_gap
+
+    async def gaps_only_outside_guarded_topics(tp: Any, offset_from: int, offset_to: int
+                                               ) -> None:
+        if deliveries.topics is not None and tp.topic not in deliveries.topics:
+            await add_gap(tp, offset_from, offset_to)
+
+    consumer._add_gap = gaps_only_outside_guarded_topics
     consumer.seek = tracked_seek
     consumer.seek_to_committed = tracked_seek_to_committed
     consumer.on_partitions_revoked = tracked_revocation
