@@ -509,12 +509,18 @@ def pipeline() -> db.Dashboard:
                       [(None, "green"), (60, "orange"), (300, "red")], 1), 4)], 4),
         ([(ts_panel("Events / s by type", "Valid events processed per second, by type.",
                     "cps", [Q(r("acsr_events_total", ("type",)), "{{type}}")], stacked=True),
-           12),
+           8),
           (ts_panel("Invalid and duplicate events",
                     "Invalid messages (dead-lettered) per second by reason, and duplicates "
                     "dropped.", "cps",
                     [Q(r("acsr_events_invalid_total", ("reason",)), "invalid: {{reason}}"),
-                     Q(r("acsr_events_duplicate_total"), "duplicate")]), 12)], 8),
+                     Q(r("acsr_events_duplicate_total"), "duplicate")]), 8),
+          (ts_panel("Misrouted events",
+                    "Valid events per second found on a partition that ACSR_PARTITIONER does "
+                    "not give their case_id: 0 unless the producers use another partitioner "
+                    "(fcr is then wrong). The worker log names the value that fits; per "
+                    "partition: acsr_events_misrouted_total (runbook AcsrEventsMisrouted).",
+                    "cps", [Q(r("acsr_events_misrouted_total"), "misrouted")], 0), 8)], 8),
         ([(ts_panel("Late events by window size",
                     "Events for an already closed window per second (event-driven: empty "
                     "while nothing arrives late).", "cps",

@@ -159,8 +159,8 @@ async def ensure_copartitioned(settings: Any, topic: str,
                         settings.replication_factor, client=client)
     async with reader(settings.bootstrap_servers, client=client) as consumer:
         have = await partition_count(consumer, topic)
-        need = await partition_count(consumer, settings.events_topic)
+        need = await partition_count(consumer, settings.cases_topic)
     if have < need:
         raise OutputTopicError(
             f"topic {topic} has {have} partitions, fewer than the {need} of "
-            f"{settings.events_topic}: recreate it with {need}")
+            f"{settings.cases_topic}: recreate it with {need}")

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,13 @@ from faust.web import Request, Response, View
 from prometheus_client import Counter, generate_latest
 
 from . import __version__, kpis
-from .annotation_log import OutputTopicError, ensure_copartitioned, load_guard
+from .annotation_log import (
+    OutputTopicError,
+    ensure_copartitioned,
+    load_guard,
+    partition_count,
+    reader,
+)
 from .annotations import HORIZON_HEADER, ResendGuard, Source, build_item, encode
 from .cases import SECOND_US, WindowPolicy
 from .config import Settings
@@ -36,7 +43,8 @@ from .faust_fixes import (
     stop_when_offsets_vanish,
 )
 from .faust_handover import hand_over_eagerly
-from .ledger import BatchPlan, Ledger
+from .ledger import BatchPlan, Ledger, Origins
+from .partitioners import SOURCE_HEADER, CaseRouting, parse_source, source_header
 from .security import faust_credentials, kafka_client_kwargs
 from .window_tables import WindowTables
 
@@ -125,7 +133,7 @@ def build_app(settings: Settings) -> faust.App:
     seek_uncommitted_to_beginning(app.consumer)  # no record skipped after a rebalance
     # nor records re-fetched after one; agents check each record's order with `deliveries`
     deliveries = keep_seeks_over_stale_reads(
-        app.consumer, {settings.events_topic, settings.links_topic})
+        app.consumer, {settings.events_topic, settings.cases_topic, settings.links_topic})
     commit_only_contiguous(app.consumer)  # a commit never passes an unprocessed record
     hand_over_eagerly(app.consumer)  # no tasks per fetched record
 
@@ -147,6 +155,11 @@ def build_app(settings: Settings) -> faust.App:
         ends_from_fetches(app.consumer, settings.bootstrap_servers, client_options)
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     events_topic = app.topic(settings.events_topic, partitions=settings.partitions, **raw)
+    # Where cases live: the events topic, or (partitioner `repartition`) the events re-keyed
+    # by case_id with our own hash.
+    cases_topic = (app.topic(settings.repartition_topic, partitions=settings.partitions,
+                             internal=True, **raw)
+                   if settings.repartitions else events_topic)
     links_topic = app.topic(settings.links_topic, partitions=settings.partitions,
                             internal=True, **raw)
     dlq_topic = app.topic(settings.dlq_topic, **raw)
@@ -168,6 +181,31 @@ def build_app(settings: Settings) -> faust.App:
     annotation_topic_ready = asyncio.Event()
     window_tables = WindowTables(app, settings, ledger.windows, ledger.watermarks.get,
                                  client_options)
+    routings: dict[str, CaseRouting] = {}  # read once per assignment (partitions may be added)
+    misrouting_logged: set[int] = set()
+
+    async def case_routing() -> CaseRouting:
+        """The configured partitioner over the cases topic's real partition count."""
+        routing = routings.get("cases")
+        if routing is None:
+            await ensure_copartitioned(settings, settings.links_topic, client_options)
+            async with reader(settings.bootstrap_servers, client=client_options) as consumer:
+                count = await partition_count(consumer, settings.cases_topic)
+            if count == 0:
+                raise OutputTopicError(f"topic {settings.cases_topic} does not exist")
+            routing = routings["cases"] = CaseRouting(settings.partitioner, count)
+        return routing
+
+    def report_misrouting(plan: BatchPlan, routing: CaseRouting) -> None:
+        if plan.misrouted and plan.partition not in misrouting_logged:
+            misrouting_logged.add(plan.partition)
+            log.error(
+                "partition %s of %s holds events of cases that ACSR_PARTITIONER=%s places on "
+                "other partitions (e.g. case %r): their producers use another partitioner, and "
+                "figures that join cases (FCR) are wrong with more than one worker. %s; see "
+                "docs/events.md, Producers. Counted in acsr_events_misrouted_total.",
+                plan.partition, settings.cases_topic, settings.partitioner, plan.misrouted[0],
+                routing.remedy(plan.misrouted[:20], plan.partition))
 
     async def dead_letter(message: Any, invalid: InvalidEvent) -> bool:
         """Send the message to the dead-letter topic; False when the topic refused it."""
@@ -217,7 +255,7 @@ def build_app(settings: Settings) -> faust.App:
         headers = [(HORIZON_HEADER, str(guard.horizon).encode())]
         for applied in plan.applied:
             case_id, step = applied.event.case_id, applied.step
-            source = Source(settings.events_topic, plan.partition, applied.offset)
+            source = Source(settings.cases_topic, plan.partition, applied.offset)
             for route in step.routes:
                 if guard.already_sent(case_id, route.reason):
                     resends_prevented.inc()
@@ -228,11 +266,13 @@ def build_app(settings: Settings) -> faust.App:
                     headers=headers, force=True))
         return acks
 
-    async def send_links(plan: BatchPlan) -> list[Any]:
+    async def send_links(plan: BatchPlan, routing: CaseRouting) -> list[Any]:
+        """Each link to the partition of the earlier case, as the producers placed it."""
         acks = []
         for related, ts_us in plan.links:
             link = orjson.dumps({"case_id": related, "ts_us": ts_us})
-            acks.append(await links_topic.send(key=related.encode(), value=link, force=True))
+            acks.append(await links_topic.send(key=related.encode(), value=link,
+                                               partition=routing.home(related), force=True))
         return acks
 
     async def dead_letter_all(plan: BatchPlan, messages: dict[int, Any]) -> list[int]:
@@ -249,12 +289,19 @@ def build_app(settings: Settings) -> faust.App:
         messages = {event.message.offset: event.message for event in events}
         batch = [(offset, parse_or_invalid(messages[offset].value))
                  for offset in sorted(messages)]
+        origins: Origins | None = None
+        if settings.repartitions:
+            origins = {offset: origin for offset, message in messages.items()
+                       if (origin := parse_source(message.headers)) is not None}
         guard = await resend_guard(partition, batch[0][0])
+        routing = await case_routing()
         with writes_on(events[-1]):
             async with case_locks[partition]:
-                plan = ledger.plan_batch(cases, partition_records, partition, batch)
+                plan = ledger.plan_batch(cases, partition_records, partition, batch,
+                                         routing.home, origins)
+                report_misrouting(plan, routing)
                 refused = await dead_letter_all(plan, messages) if plan.invalid else []
-                acks = [*await send_links(plan), *await send_items(plan, guard)]
+                acks = [*await send_links(plan, routing), *await send_items(plan, guard)]
                 window_tables.fold(plan)
                 if plan.applied or plan.invalid:
                     ledger.mark_batch(partition_records, plan, refused)
@@ -289,15 +336,33 @@ def build_app(settings: Settings) -> faust.App:
                                          PROCESSING_ERROR, counter=kpis.PROCESSING_ERROR,
                                          dead_lettered=dead_lettered)
 
-    @app.agent(events_topic)
-    async def process_events(stream: faust.StreamT) -> None:
+    async def forward(partition: int, events: list[Any]) -> None:
+        """Re-key one events partition's batch onto the cases topic, in offset order, each
+        with its source position; wait until the broker has every one."""
+        routing = await case_routing()
+        messages = {event.message.offset: event.message for event in events}
+        acks = []
+        for offset in sorted(messages):
+            message = messages[offset]
+            key, partition = routing.rekey(message.value, message.key, message.partition)
+            headers = [*(h for h in message.headers or () if h[0] != SOURCE_HEADER),
+                       source_header(message.partition, offset)]
+            acks.append(await cases_topic.send(key=key, value=message.value,
+                                               partition=partition, headers=headers,
+                                               force=True))
+        for ack in acks:
+            await ack
+
+    async def in_batches(stream: faust.StreamT,
+                         handle: Callable[[int, list[Any]], Awaitable[None]]) -> None:
+        """Hand each batch to `handle`, partition by partition, in order."""
         async for events in stream.take_events(settings.batch_max, settings.batch_wait_s):
             try:
                 by_partition = await deliveries.by_partition(events,
                                                              app.consumer_generation_id)
                 with deliveries.processing():
                     # Partitions at once: each waits for the broker, none for the others.
-                    await asyncio.gather(*(process_partition(partition, in_partition)
+                    await asyncio.gather(*(handle(partition, in_partition)
                                            for partition, in_partition in by_partition.items()))
             except BaseException:
                 # Stopped (a SIGTERM cancels the agent) or crashed inside a batch:
@@ -306,6 +371,15 @@ def build_app(settings: Settings) -> faust.App:
                 # uncommitted; the next owner takes them again (applied ones are skipped).
                 keep_uncommitted(event.message for event in events)
                 raise
+
+    if settings.repartitions:
+        @app.agent(events_topic)
+        async def rekey_events(stream: faust.StreamT) -> None:
+            await in_batches(stream, forward)
+
+    @app.agent(cases_topic)
+    async def process_events(stream: faust.StreamT) -> None:
+        await in_batches(stream, process_partition)
 
     async def process_partition(partition: int, events: list[Any]) -> None:
         try:
@@ -337,7 +411,7 @@ def build_app(settings: Settings) -> faust.App:
 
     def owned_partitions() -> set[int]:
         return {tp.partition for tp in app.assignor.assigned_actives()
-                if tp.topic == settings.events_topic}
+                if tp.topic == settings.cases_topic}
 
     def recovering() -> bool:
         return tables_recovering(app)
@@ -352,7 +426,7 @@ def build_app(settings: Settings) -> faust.App:
     def consumer_lag() -> dict[int, int]:
         lag = {}
         for partition in owned_partitions():
-            highwater = app.consumer.highwater(TP(settings.events_topic, partition))
+            highwater = app.consumer.highwater(TP(settings.cases_topic, partition))
             if highwater is not None and highwater >= 0:
                 lag[partition] = max(0, highwater - ledger.positions.get(partition, 0))
         return lag
@@ -377,7 +451,8 @@ def build_app(settings: Settings) -> faust.App:
     @app.on_partitions_revoked.connect
     async def forget_revoked(sender: Any, revoked: set[TP], **_: Any) -> None:
         # Stop exposing a partition at once: its new owner exposes it from its tables.
-        gone = {tp.partition for tp in revoked if tp.topic == settings.events_topic}
+        gone = {tp.partition for tp in revoked if tp.topic == settings.cases_topic}
+        routings.clear()  # partitions may have been added: read the count again
         ledger.drop(gone)
         window_tables.forget(gone)
         for partition in gone:

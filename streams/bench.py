@@ -50,6 +50,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from .annotation_log import reader
 from .broker import BrokerUnavailable, EmbeddedBroker
 from .config import ConfigError, Settings
+from .partitioners import REPARTITION
 from .publisher import Publisher, build_event
 from .replay import (
     Cluster,
@@ -58,6 +59,7 @@ from .replay import (
     committed,
     create_topics,
     group_offsets,
+    internal_topics_done,
     isolated,
     produce,
     wait_processed,
@@ -98,6 +100,7 @@ class BenchOptions:
     open_cases: int = 100_000
     latency: bool = True
     memory: bool = True
+    repartition: bool = True  # also each repeat with ACSR_PARTITIONER=repartition
     seed: int = 1
     scrape_s: float = 1.0  # latency: how often /metrics is scraped (a scrape costs ~0.1 s)
     stall_timeout_s: float = 120.0
@@ -136,6 +139,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help=f"cases opened for the memory run (default {defaults.open_cases})")
     bench.add_argument("--no-latency", action="store_true", help="skip the latency run")
     bench.add_argument("--no-memory", action="store_true", help="skip the memory run")
+    bench.add_argument("--no-repartition", action="store_true",
+                       help="skip the runs with ACSR_PARTITIONER=repartition (what re-keying "
+                       "every event through an internal topic costs)")
     bench.add_argument("--seed", type=int, default=defaults.seed,
                        help=f"simulator seed: same seed, same events (default {defaults.seed})")
     bench.add_argument("--scrape-interval", type=float, default=defaults.scrape_s,
@@ -180,6 +186,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
                         workers=args.workers,
                         latency_s=args.latency_seconds, open_cases=args.open_cases,
                         latency=not args.no_latency, memory=not args.no_memory,
+                        repartition=not args.no_repartition,
                         seed=args.seed, scrape_s=args.scrape_interval,
                         stall_timeout_s=args.stall_timeout, out=args.out,
                         broker=args.broker, tansu=args.tansu)
@@ -370,9 +377,15 @@ def format_table(results: dict[str, Any]) -> str:
         throughput["processor"]["summary"])
     add("worker start to 1st event (s)", throughput["processor"]["start_summary"], 1)
     add("worker peak RSS, VmHWM (MB)", throughput["processor"]["peak_rss_summary"], 0)
+    rekeyed = results.get("repartition", {"skipped": True})
+    if not rekeyed.get("skipped"):
+        add("processor, repartition (ev/s)", rekeyed["summary"])
+        add("repartition / direct, per run", rekeyed["ratio_summary"], 3)
     lines = [f"{rows[0][0]:<32}{rows[0][1]:>12}{rows[0][2]:>12}{rows[0][3]:>12}"]
     lines += [f"{label:<32}{a:>12}{b:>12}{c:>12}" for label, a, b, c in rows[1:]]
     lines.append(f"{'ratio of medians':<32}{throughput['ratio']:>36.3f}")
+    if rekeyed.get("skipped"):
+        lines.append("repartition: skipped")
     lines.append(f"events per run: {throughput['events']:,} on {results['config']['partitions']} "
                  f"partitions, {throughput['simulated_hours']:.1f} simulated hours")
     latency = results["latency"]
@@ -566,7 +579,9 @@ async def worker_throughput(settings: Settings, ends: dict[int, int], log_dir: P
                     ready_at = polled
             rss_max_kb = max(rss_max_kb, *(each.memory_kb().get("VmRSS", 0)
                                            for each in cluster.workers))
-            if done >= total:
+            # ... and, re-keyed, the events on the internal topic too (then links)
+            if done >= total and await internal_topics_done(offsets, settings.bootstrap_servers,
+                                                            settings):
                 finished = time.monotonic()
                 break
             if done != last_done:
@@ -726,6 +741,22 @@ async def measure_memory(settings: Settings, cases: int, run: str, log_dir: Path
             "case_retention_s": settings.case_retention_s}
 
 
+async def rekeyed_throughput(settings: Settings, run: str, events_topic: str,
+                             ends: dict[int, int], work_dir: Path, label: str, say: Say,
+                             options: BenchOptions) -> dict[str, Any]:
+    """The same events with ACSR_PARTITIONER=repartition: each is re-keyed through the
+    internal topic before it is processed."""
+    group = _run_settings(settings, run, work_dir, events_topic=events_topic,
+                          partitioner=REPARTITION)
+    await create_topics(group)
+    say(f"bench: {label}: starting (group {group.app_id})")
+    result = await worker_throughput(group, ends, work_dir, label, say,
+                                     options.stall_timeout_s, options.workers)
+    say(f"bench: {label}: {result['events_after_t0']:,} events in {result['seconds']:.1f}s, "
+        f"{result['rate']:,.0f} ev/s")
+    return result
+
+
 def _run_settings(settings: Settings, run: str, work_dir: Path, **overrides: Any) -> Settings:
     """Topics and a consumer group of this run only; the worker's files in `work_dir`."""
     return isolated(settings, run).with_overrides(data_dir=str(work_dir / "data"), **overrides)
@@ -756,7 +787,7 @@ async def run_bench(options: BenchOptions, settings: Settings, work_dir: Path, s
     del lines
     say(f"bench: loaded {sum(ends.values()):,} events in {load_s:.1f}s "
         f"({hours:.1f} simulated hours)")
-    raw_runs, worker_runs = [], []
+    raw_runs, worker_runs, rekeyed_runs = [], [], []
     for repeat in range(1, options.repeats + 1):
         raw = await raw_ceiling(loaded, ends, options.stall_timeout_s,
                                 Progress(say, f"raw ceiling {repeat}/{options.repeats}"))
@@ -774,6 +805,10 @@ async def run_bench(options: BenchOptions, settings: Settings, work_dir: Path, s
         say(f"bench: {label}: {result['events_after_t0']:,} events in {result['seconds']:.1f}s"
             f" from {result['measured_from']}, {result['rate']:,.0f} ev/s"
             f" (started in {result['start_s']:.1f}s, peak RSS {result['peak_rss_mb']:.0f} MB)")
+        if options.repartition:
+            rekeyed_runs.append(await rekeyed_throughput(
+                settings, f"{run}-r{repeat}", loaded.events_topic, ends, work_dir,
+                f"repartition {repeat}/{options.repeats}", say, options))
     raw_summary = summarize([r["rate"] for r in raw_runs])
     worker_summary = summarize([r["rate"] for r in worker_runs])
     results: dict[str, Any] = {
@@ -792,7 +827,16 @@ async def run_bench(options: BenchOptions, settings: Settings, work_dir: Path, s
         },
         "latency": {"skipped": True},
         "memory": {"skipped": True},
+        "repartition": {"skipped": True},
     }
+    if rekeyed_runs:
+        rekeyed_summary = summarize([r["rate"] for r in rekeyed_runs])
+        results["repartition"] = {
+            "runs": rekeyed_runs, "summary": rekeyed_summary,
+            # side by side, repeat by repeat: re-keyed rate / direct rate
+            "ratio_summary": summarize([r["rate"] / w["rate"] for r, w
+                                        in zip(rekeyed_runs, worker_runs, strict=True)]),
+        }
     if options.latency:
         send_rate = worker_summary["median"] / 2
         count = max(1, round(send_rate * options.latency_s))

@@ -63,6 +63,9 @@ class CaseState:
     routed: list[str] = field(default_factory=list)
     facts: list[Fact] = field(default_factory=list)
     pipeline: dict[str, int] = field(default_factory=dict)
+    # Re-keyed events (ACSR_PARTITIONER=repartition): per source partition, the last source
+    # offset applied, so a copy forwarded twice (a forwarder crash) counts once.
+    sources: dict[str, int] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         doc = {name: getattr(self, name) for name in self.__dataclass_fields__}

@@ -15,6 +15,7 @@ from .config import ConfigError, Settings, from_env
 from .demo import add_demo_arguments, run_demo_command
 from .export_queue import add_parser as add_export_parser
 from .export_queue import run_export_command
+from .partitioners import PARTITIONERS
 from .replay import ReplayError
 from .simulate import add_simulate_parser, run_simulate_command
 
@@ -28,6 +29,11 @@ def _settings_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events-topic", help="default acsr.events")
     parser.add_argument("--dlq-topic", help="dead-letter topic, default acsr.events.dlq")
     parser.add_argument("--log-level", choices=("crit", "error", "warn", "info", "debug"))
+    parser.add_argument("--partitioner", choices=PARTITIONERS,
+                        help="how the producers place a case_id on a partition: murmur2 (Java, "
+                        "aiokafka, kafkajs), crc32 (librdkafka: confluent-kafka), fnv1a "
+                        "(sarama), repartition (any other; env ACSR_PARTITIONER, default "
+                        "murmur2; docs/events.md)")
 
 
 def _sample_resolved_arg(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +51,7 @@ def _settings(args: argparse.Namespace, base: Settings) -> Settings:
         events_topic=args.events_topic,
         dlq_topic=args.dlq_topic,
         log_level=args.log_level,
+        partitioner=args.partitioner,
         web_host=getattr(args, "web_host", None),
         web_port=getattr(args, "web_port", None),
         sample_resolved_rate=getattr(args, "sample_resolved", None),
@@ -114,6 +121,7 @@ def run_worker(settings: Settings) -> int:
         loop.run_until_complete(ensure_topics(settings.bootstrap_servers, {
             settings.events_topic: settings.partitions,
             settings.dlq_topic: settings.partitions,
+            settings.cases_topic: settings.partitions,
         }, settings.replication_factor, settings.broker_wait_s, kafka_client_kwargs(settings)))
     finally:
         loop.close()
@@ -160,6 +168,10 @@ def run_replay_command(args: argparse.Namespace, settings: Settings) -> int:
         f"{events['duplicate']} duplicate) -> {args.report}",
         file=sys.stderr,
     )
+    if events["misrouted"]:
+        print(f"acsr-metrics: warning: {events['misrouted']} events were on a partition that "
+              f"ACSR_PARTITIONER={settings.partitioner} does not give their case: figures "
+              "that join cases may be wrong (docs/events.md, Producers)", file=sys.stderr)
     return 0
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .partitioners import PARTITIONERS, REPARTITION
+
 DAY_S = 86_400
 # Tansu holds a group join for half the session timeout: keep starts short.
 EMBEDDED_SESSION_TIMEOUT_S = 6.0
@@ -30,6 +32,10 @@ class Settings:
     links_topic: str = "acsr.case-links"
     annotation_topic: str = "acsr.annotation.queue"
     windows_topic: str = "acsr.kpi.windows"  # closed event-time windows, one message each
+    # How producers place a case_id on a partition (streams/partitioners.py); `repartition`
+    # re-keys events through `repartition_topic` first.
+    partitioner: str = "murmur2"
+    repartition_topic: str = "acsr.events.by-case"
     partitions: int = 8
     replication_factor: int = 1
     web_host: str = "127.0.0.1"
@@ -82,7 +88,7 @@ class Settings:
                     f"broker {url!r} is not host:port (e.g. 127.0.0.1:9092 or kafka://host:9092)"
                 )
         for name in ("events_topic", "dlq_topic", "links_topic", "annotation_topic",
-                     "windows_topic", "app_id"):
+                     "windows_topic", "repartition_topic", "app_id"):
             value = getattr(self, name)
             if not _TOPIC.fullmatch(value):
                 raise ConfigError(
@@ -113,11 +119,26 @@ class Settings:
                 f"sample_resolved_rate {self.sample_resolved_rate} must be between 0 and 1 "
                 "(a share of autonomous resolutions, e.g. 0.01)"
             )
+        if self.partitioner not in PARTITIONERS:
+            raise ConfigError(
+                f"ACSR_PARTITIONER={self.partitioner!r} must be one of {', '.join(PARTITIONERS)}"
+                " (the partitioner of the clients producing events: docs/events.md, Producers)"
+            )
         if self.log_level not in ("crit", "error", "warn", "info", "debug"):
             raise ConfigError("log_level must be one of crit, error, warn, info, debug")
         _positive(self, "broker_wait_s")
         _check_security(self)
         return self
+
+    @property
+    def repartitions(self) -> bool:
+        """Events are re-keyed through `repartition_topic` before they are processed."""
+        return self.partitioner == REPARTITION
+
+    @property
+    def cases_topic(self) -> str:
+        """The topic whose partitions hold the cases: the events topic, or the re-keyed one."""
+        return self.repartition_topic if self.repartitions else self.events_topic
 
     def label_allow_lists(self) -> dict[str, frozenset[str]]:
         lists = {"intent": self.intent_allow, "channel": self.channel_allow,

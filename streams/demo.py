@@ -119,6 +119,9 @@ def render(report: dict[str, Any], header: str, rates: str) -> Group:
     status.add_row(header)
     status.add_row(f"events: {events['valid']} valid, {events['invalid']} invalid, "
                    f"{events['duplicate']} duplicate; {rates}")
+    if events.get("misrouted"):
+        status.add_row(f"[bold red]{events['misrouted']} events misrouted: the producers "
+                       "partition otherwise than ACSR_PARTITIONER says (docs/events.md)[/]")
     return Group(status, intents, reasons)
 
 

@@ -106,6 +106,14 @@ _PIPELINE: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
      kpis.PROCESSING_ERROR, "reason", ()),
 )
 
+_PIPELINE_UNLABELLED: tuple[tuple[str, str, str], ...] = (
+    ("acsr_events_duplicate", "Events dropped as repeats of a counted event_id.",
+     kpis.DUPLICATE),
+    ("acsr_events_misrouted",
+     "Valid events found on a partition that the configured partitioner (ACSR_PARTITIONER) "
+     "does not give their case_id: the producers partition otherwise.", kpis.MISROUTED),
+)
+
 _ZERO_LABELS = {
     kpis.CONCLUDED: [(o,) for o in OUTCOMES],
     kpis.POLICY_CHECK: [("passed",), ("failed",)],
@@ -199,12 +207,11 @@ class KpiCollector(Collector):
                 for value, n in sorted(values.items()):
                     family.add_metric((str(partition), value), n)
             yield family
-        duplicates = CounterMetricFamily("acsr_events_duplicate",
-                                         "Events dropped as repeats of a counted event_id.",
-                                         labels=("partition",))
-        for partition, agg in aggregates.items():
-            duplicates.add_metric((str(partition),), agg.pipeline.get((kpis.DUPLICATE, ""), 0))
-        yield duplicates
+        for metric, help_text, name in _PIPELINE_UNLABELLED:
+            family = CounterMetricFamily(metric, help_text, labels=("partition",))
+            for partition, agg in aggregates.items():
+                family.add_metric((str(partition),), agg.pipeline.get((name, ""), 0))
+            yield family
 
     def _windows(self) -> Iterator:
         """Gauges of the latest closed event-time window of each size, per partition."""

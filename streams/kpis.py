@@ -48,6 +48,7 @@ LATE = "late"  # label: window size in seconds
 NORMALISED = "normalised"  # label: field name
 PROCESSING_ERROR = "processing_error"  # label: the error's reason (messages dead-lettered)
 DEAD_LETTER_FAILED = "dead_letter_failed"  # label: reason of a message the DLQ refused
+MISROUTED = "misrouted"  # valid events on a partition the configured partitioner does not give
 
 OUTCOMES = ("autonomous", "unverified", "human", "escalated")
 
@@ -343,6 +344,7 @@ def build_report(agg: Aggregate, window_size: int = 3600) -> dict[str, Any]:
             "valid": sum(by_type.values()),
             "invalid": sum(invalid.values()),
             "duplicate": agg.pipeline.get((DUPLICATE, ""), 0),
+            "misrouted": agg.pipeline.get((MISROUTED, ""), 0),
             "by_type": dict(sorted(by_type.items())),
             "invalid_by_reason": dict(sorted(invalid.items())),
         },

@@ -12,7 +12,7 @@ No Faust here: the tables are plain mutable mappings, so this unit-tests without
 
 from __future__ import annotations
 
-from collections.abc import Iterable, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,8 @@ class PartitionRecord:
     archive: dict[str, Any] = field(default_factory=dict)  # Aggregate of expired cases
     folded: list[str] = field(default_factory=list)  # archived cases whose delete may be pending
     batch: dict[str, Any] | None = None  # the PendingBatch written before its case writes
+    # Re-keyed invalid messages: per source partition, the last source offset counted.
+    sources: dict[str, int] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         return dump_state(self.__dict__)
@@ -72,6 +74,8 @@ class PartitionRecord:
 CaseTable = MutableMapping[str, bytes]
 PartitionTable = MutableMapping[int, bytes]
 Parsed = Event | InvalidEvent
+Origins = Mapping[int, tuple[int, int]]  # offset -> (source partition, source offset)
+CaseHome = Callable[[str], int]  # the partition the producers' partitioner gives a case
 
 
 @dataclass
@@ -104,6 +108,8 @@ class BatchPlan:
     after_us: int | None = None
     duplicates: list[int] = field(default_factory=list)
     recovered_batch_done: bool = False  # a recovered PendingBatch is behind this batch
+    misrouted: list[str] = field(default_factory=list)  # cases of events on a wrong partition
+    invalid_sources: dict[str, int] | None = None  # PartitionRecord.sources after the batch
 
     def marker(self) -> PendingBatch:
         return PendingBatch(self.first, self.last, self.before_us, self.after_us,
@@ -144,7 +150,8 @@ class Ledger:
         return plan.applied[0].step if plan.applied else None
 
     def plan_batch(self, cases: CaseTable, records: PartitionTable, partition: int,
-                   batch: Sequence[tuple[int, Parsed]]) -> BatchPlan:
+                   batch: Sequence[tuple[int, Parsed]], home: CaseHome | None = None,
+                   origins: Origins | None = None) -> BatchPlan:
         """Plan a batch of one partition's messages, in offset order; writes nothing.
 
         Each touched case is decoded once and carried through the batch. An event whose
@@ -152,9 +159,15 @@ class Ledger:
         pending batch it still moves the partition's event time as it did the first
         time, so the events re-applied there see the times they saw then. An invalid
         message at or below the partition record's offset was counted (and dead-lettered)
-        already, and is skipped too."""
+        already, and is skipped too.
+
+        `home` gives the partition a case belongs on: an event elsewhere is counted as
+        misrouted (and still applied). `origins` names the source position of re-keyed
+        messages: one whose source offset was already counted is a second copy, skipped."""
         plan = BatchPlan(partition, batch[0][0], batch[-1][0])
-        counted_invalid = PartitionRecord.from_bytes(records.get(partition)).offset
+        record = PartitionRecord.from_bytes(records.get(partition))
+        counted_invalid = record.offset
+        invalid_sources = dict(record.sources)
         watermark = self.watermarks.get(partition)
         pending = self.pending.get(partition)
         if pending is not None and plan.first > pending.end:
@@ -162,8 +175,10 @@ class Ledger:
         plan.before_us = watermark
         states = plan.states
         for offset, parsed in batch:
+            origin = origins.get(offset) if origins else None
             if isinstance(parsed, InvalidEvent):
-                if offset > counted_invalid:
+                if offset > counted_invalid and not _counted(invalid_sources, origin):
+                    _note(invalid_sources, origin)
                     plan.invalid.append((offset, parsed))
                 continue
             state = states.get(parsed.case_id)
@@ -174,12 +189,18 @@ class Ledger:
                 if pending is not None and pending.advances(offset):
                     watermark = _later(watermark, parsed.ts_us)
                 continue
+            if state is not None and _counted(state.sources, origin):
+                continue  # a second copy of a re-keyed event
             related = related_case(parsed)
             if related is not None:
                 plan.links.append((related, parsed.ts_us))
             step = apply_event(state, parsed, partition=partition, offset=offset,
                                watermark_us=watermark, windows=self.windows,
                                sample_rate=self.sample_rate)
+            _note(step.state.sources, origin)
+            if home is not None and home(parsed.case_id) != partition:
+                step.count(kpis.MISROUTED)
+                plan.misrouted.append(parsed.case_id)
             states[parsed.case_id] = step.state
             # The case goes on changing in the batch: its items show it as of this event.
             view = step.state.annotation_view() if step.routes else None
@@ -190,6 +211,8 @@ class Ledger:
                 watermark = step.state.watermark_us
         plan.after_us = watermark
         plan.recovered_batch_done = pending is not None and plan.last >= pending.end
+        if origins and invalid_sources != record.sources:
+            plan.invalid_sources = invalid_sources
         return plan
 
     def mark_batch(self, records: PartitionTable, plan: BatchPlan,
@@ -210,6 +233,8 @@ class Ledger:
             record.offset = offset
         record.archive = archive.to_json()
         record.batch = plan.marker().__dict__ if plan.applied else record.batch
+        if plan.invalid_sources is not None:
+            record.sources = plan.invalid_sources
         records[partition] = record.to_bytes()
         self.positions[partition] = plan.last + 1
 
@@ -371,6 +396,17 @@ class Ledger:
     def _raise_watermark(self, partition: int, value: int | None) -> None:
         if value is not None:
             self.watermarks[partition] = max(self.watermarks.get(partition, value), value)
+
+
+def _counted(last: dict[str, int], origin: tuple[int, int] | None) -> bool:
+    """Whether a re-keyed message's source position was counted already: each source
+    partition is forwarded in order, so anything at or below the last one is a copy."""
+    return origin is not None and last.get(str(origin[0]), -1) >= origin[1]
+
+
+def _note(last: dict[str, int], origin: tuple[int, int] | None) -> None:
+    if origin is not None:
+        last[str(origin[0])] = origin[1]
 
 
 def _later(a: int | None, b: int | None) -> int | None:

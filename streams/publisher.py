@@ -32,6 +32,7 @@ from aiokafka.structs import RecordMetadata
 from .broker import ONE_RECORD_BATCH_BYTES, BrokerUnavailable
 from .config import Settings
 from .events import InvalidEvent, message_key, parse_event
+from .partitioners import MURMUR2, ClientPartitioner
 from .security import kafka_client_kwargs
 
 Delivery = asyncio.Future[RecordMetadata]
@@ -107,9 +108,10 @@ class Publisher:
     """Sends checked events to the events topic, keyed by `case_id`."""
 
     def __init__(self, broker: str = "127.0.0.1:9092", topic: str = "acsr.events", *,
-                 embedded: bool = False, **options: Any) -> None:
+                 embedded: bool = False, partitioner: str = MURMUR2, **options: Any) -> None:
         self.topic = topic
-        self.options = {**producer_options(embedded), **options}
+        self.options = {**producer_options(embedded),
+                        "partitioner": ClientPartitioner(partitioner), **options}
         self.broker = Settings(broker=broker).validate().bootstrap_servers
         self._producer: AIOKafkaProducer | None = None
 
@@ -117,7 +119,7 @@ class Publisher:
     def from_settings(cls, settings: Settings, **options: Any) -> Publisher:
         """The broker, events topic, security and embedded-broker mode of `settings`."""
         return cls(settings.broker, settings.events_topic, embedded=settings.tansu,
-                   **{**kafka_client_kwargs(settings), **options})
+                   partitioner=settings.partitioner, **{**kafka_client_kwargs(settings), **options})
 
     async def start(self) -> Publisher:
         if self._producer is None:

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from .config import Settings
 from .events import message_key
 from .exporter import merge_expositions
 from .kpis import Aggregate, build_report
+from .partitioners import MURMUR2, ClientPartitioner
 from .security import kafka_client_kwargs
 
 REPLAY_WINDOW_RETENTION_S = 366 * 86_400
@@ -167,12 +168,14 @@ class Cluster:
 
 async def produce(bootstrap: str, topic: str, lines: list[bytes], tansu: bool,
                   on_sent: Callable[[int], None] | None = None,
-                  client: dict[str, Any] | None = None) -> dict[int, int]:
-    """Send each line keyed by its `case_id`; return the end offset of every partition."""
+                  client: dict[str, Any] | None = None,
+                  partitioner: str = MURMUR2) -> dict[int, int]:
+    """Send each line keyed by its `case_id`, placed as `partitioner` places keys; return
+    the end offset of every partition."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", enable_idempotence=not tansu,
         max_batch_size=ONE_RECORD_BATCH_BYTES if tansu else 16384, linger_ms=5,
-        **(client or {}),
+        partitioner=ClientPartitioner(partitioner), **(client or {}),
     )
     await producer.start()
     ends: dict[int, int] = {}
@@ -241,12 +244,8 @@ async def wait_processed(cluster: Cluster, bootstrap: str, ends: dict[int, int],
             done_events = await committed(consumer, settings.events_topic, settings.partitions)
             done = sum(min(done_events[p], end) for p, end in ends.items())
             on_progress(done)
-            if done >= total:
-                link_ends = await end_offsets(bootstrap, client, settings.links_topic,
-                                              settings.partitions)
-                links_done = await committed(consumer, settings.links_topic, settings.partitions)
-                if all(links_done[p] >= end for p, end in link_ends.items()):
-                    return
+            if done >= total and await internal_topics_done(consumer, bootstrap, settings):
+                return
             if done != last_done:
                 last_done, last_change = done, time.monotonic()
             elif time.monotonic() - last_change > stall_timeout_s:
@@ -257,6 +256,20 @@ async def wait_processed(cluster: Cluster, bootstrap: str, ends: dict[int, int],
                     f"worker logs:\n{logs}"
                 )
             await asyncio.sleep(0.5)
+
+
+async def internal_topics_done(consumer: AIOKafkaConsumer, bootstrap: str,
+                               settings: Settings) -> bool:
+    """Whether the group committed the end of the re-keyed events, then of the links (read
+    in that order: the first feeds the second)."""
+    client = kafka_client_kwargs(settings)
+    topics = [settings.cases_topic] if settings.repartitions else []
+    for topic in [*topics, settings.links_topic]:
+        ends = await end_offsets(bootstrap, client, topic, settings.partitions)
+        done = await committed(consumer, topic, settings.partitions)
+        if any(done[p] < end for p, end in ends.items()):
+            return False
+    return True
 
 
 async def gather_metrics(cluster: Cluster) -> str:
@@ -302,6 +315,7 @@ def isolated(settings: Settings, run: str) -> Settings:
     prefix = f"acsr.replay-{run}"
     return settings.with_overrides(
         app_id=f"acsr-replay-{run}", events_topic=f"{prefix}.events",
+        repartition_topic=f"{prefix}.events.by-case",
         dlq_topic=f"{prefix}.events.dlq", links_topic=f"{prefix}.case-links",
         annotation_topic=f"{prefix}.annotation.queue", windows_topic=f"{prefix}.kpi.windows",
     )
@@ -311,10 +325,23 @@ async def create_topics(settings: Settings) -> None:
     await ensure_topics(settings.bootstrap_servers, {
         settings.events_topic: settings.partitions,
         settings.links_topic: settings.partitions,
+        settings.cases_topic: settings.partitions,
         settings.dlq_topic: settings.partitions,
         settings.annotation_topic: settings.partitions,  # item partition = event partition
         settings.windows_topic: settings.partitions,  # same rule for closed windows
     }, settings.replication_factor, settings.broker_wait_s, kafka_client_kwargs(settings))
+
+
+# Sends the lines to the events topic; returns the end offset of every partition.
+Loader = Callable[[Settings, list[bytes], Callable[[int], None]], Awaitable[dict[int, int]]]
+
+
+async def load_lines(settings: Settings, lines: list[bytes], on_sent: Callable[[int], None]
+                     ) -> dict[int, int]:
+    """Our own producer, placing each case as ACSR_PARTITIONER says the producers do."""
+    return await produce(settings.bootstrap_servers, settings.events_topic, lines,
+                         settings.tansu, on_sent, kafka_client_kwargs(settings),
+                         settings.partitioner)
 
 
 @dataclass
@@ -335,9 +362,11 @@ async def run_replay(
     progress: Callable[[str, int, int], None] | None = None,
     stall_timeout_s: float = 120.0,
     log_dir: Path | None = None,
+    load: Loader = load_lines,
 ) -> ReplayResult:
     """Replay `path` through `workers` worker processes, on an embedded broker or
-    `settings.broker`, in topics and a consumer group of this run only."""
+    `settings.broker`, in topics and a consumer group of this run only. `load` sends the
+    lines (e.g. with another client, as a producer team would)."""
     started = time.monotonic()
     timings: dict[str, float] = {}
     lines = read_lines(path)
@@ -366,8 +395,7 @@ async def run_replay(
             report_progress("produce", sent, len(lines))
 
         t0 = time.monotonic()
-        ends = await produce(settings.bootstrap_servers, settings.events_topic, lines,
-                             settings.tansu, on_sent, kafka_client_kwargs(settings))
+        ends = await load(settings, lines, on_sent)
         timings["produce_s"] = time.monotonic() - t0
         t0 = time.monotonic()
         await wait_processed(cluster, settings.bootstrap_servers, ends,

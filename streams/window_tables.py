@@ -189,7 +189,7 @@ class WindowTables:
     async def _emit(self, partition: int, offset: int, windows: PartitionWindows,
                     closing: list[WindowKey]) -> None:
         guard = await self._guard(partition)
-        source = {"topic": self.settings.events_topic, "partition": partition, "offset": offset}
+        source = {"topic": self.settings.cases_topic, "partition": partition, "offset": offset}
         headers = [(HORIZON_HEADER, str(guard.horizon).encode())]
         acks = []
         for key in closing:

@@ -88,8 +88,10 @@ def _load_compare():
 compare_report = _load_compare()
 
 
-def report_mismatches(expected: dict, actual: dict) -> list[str]:
-    """Figures where two replay reports differ (floats to 1e-6 relative), as the spec's tool."""
+def report_mismatches(expected: dict, actual: dict, ignore: frozenset[str] = frozenset()
+                      ) -> list[str]:
+    """Figures where two replay reports differ (floats to 1e-6 relative), as the spec's tool;
+    `ignore` leaves out key paths (e.g. "windows")."""
     out: list[str] = []
-    compare_report.walk(expected, actual, "", out, set())
+    compare_report.walk(expected, actual, "", out, set(ignore))
     return out

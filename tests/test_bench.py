@@ -164,6 +164,7 @@ def test_bad_flags_fail_with_what_to_fix(flags: list[str], message: str) -> None
 def test_skipped_runs_need_no_valid_figures() -> None:
     assert not _options("--latency-seconds", "0", "--no-latency").latency
     assert not _options("--open-cases", "0", "--no-memory").memory
+    assert _options().repartition and not _options("--no-repartition").repartition
 
 
 def test_bad_flags_exit_2_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
@@ -186,6 +187,11 @@ def test_summary_table() -> None:
     assert "processor, 2 workers (ev/s)" in bench.format_table(
         {**results, "config": {"partitions": 4, "workers": 2}})
     assert "latency: skipped" in table and "memory: skipped" in table
+    assert "repartition: skipped" in table
+    results["repartition"] = {"summary": summary,
+                              "ratio_summary": {"min": 0.41, "median": 0.5, "max": 0.6}}
+    assert "repartition / direct, per run" in bench.format_table(results)
+    assert "0.410" in bench.format_table(results)
     results["latency"] = {"rate": 230.0, "sent": 3450, "covered": 3450, "p50_s": 1.05,
                           "p99_s": 1.74, "scrape_interval_s": 1.0, "scrape_p50_s": 0.039,
                           "scrape_busy_share": 0.04}
@@ -227,3 +233,6 @@ def test_a_tiny_bench_run(kafka: BrokerInfo, tmp_path: Path) -> None:
     assert results["latency"]["p99_s"] >= results["latency"]["p50_s"] > 0
     assert results["memory"]["open_cases"] == 500
     assert results["memory"]["case_retention_s"] > 0
+    rekeyed = results["repartition"]["runs"][0]
+    assert rekeyed["events"] == 1500 and rekeyed["rate"] > 0
+    assert "repartition / direct, per run" in done.stdout

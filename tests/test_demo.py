@@ -119,3 +119,20 @@ def test_demo_refuses_bad_options_before_starting_anything() -> None:
     done = subprocess.run([sys.executable, "-m", "streams.cli", "demo", "--rate", "0"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--rate must be > 0" in done.stderr
+
+
+def test_the_view_shows_misrouted_events_only_when_there_are_some() -> None:
+    from rich.console import Console
+
+    from streams.demo import render
+    from streams.kpis import Aggregate, build_report
+
+    def shown(misrouted: int) -> str:
+        agg = Aggregate()
+        agg.count("misrouted", n=misrouted)
+        console = Console(width=160, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+        console.print(render(build_report(agg), "demo", "rates"))
+        return console.export_text()
+
+    assert "3 events misrouted" in shown(3)
+    assert "misrouted" not in shown(0)

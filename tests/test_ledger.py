@@ -132,3 +132,69 @@ def test_a_refused_dead_letter_write_is_counted_once_and_survives_a_rebuild() ->
         agg = source.aggregates[0]
         assert agg.pipeline[(kpis.DEAD_LETTER_FAILED, "too_large")] == 1
         assert agg.pipeline[(kpis.INVALID, "too_large")] == 1
+
+
+# --- re-keyed events (ACSR_PARTITIONER=repartition) and misrouting -------------------------
+
+def _plan_all(ledger: Ledger, cases: dict, records: dict, batch: list, **kwargs):
+    plan = ledger.plan_batch(cases, records, 0, batch, **kwargs)
+    ledger.mark_batch(records, plan)
+    ledger.commit_batch(cases, plan)
+    return plan
+
+
+def test_a_re_keyed_event_forwarded_twice_counts_once() -> None:
+    """A forwarder that crashed before its commit forwards some events again: the copies
+    carry the same source positions, later on the re-keyed partition."""
+    lines = [json.dumps({"event_id": f"e{i}", "type": "case_opened", "case_id": f"c{i % 3}",
+                         "ts": 1_764_000_000_000 + i}).encode() for i in range(6)]
+    parsed = [parse_event(line) for line in lines]
+    invalid = InvalidEvent("not_json", "x")
+    # source partition 2, offsets 10-16; the copy re-sends source offsets 13-16
+    first = [(i, parsed[i]) for i in range(6)] + [(6, invalid)]
+    copies = [(7 + i, parsed[3 + i]) for i in range(3)] + [(10, invalid)]
+    origins = {i: (2, 10 + i) for i in range(7)} | {7 + i: (2, 13 + i) for i in range(4)}
+    ledger, cases, records = _ledger(), {}, {}
+    _plan_all(ledger, cases, records, first, origins=origins)
+    plan = _plan_all(ledger, cases, records, copies, origins=origins)
+    assert plan.applied == [] and plan.invalid == []
+    report = build_report(ledger.aggregate(0))
+    assert report["events"]["valid"] == 6 and report["events"]["invalid"] == 1
+    assert report["events"]["duplicate"] == 0
+    # A genuinely new event of the same source partition still counts.
+    new = parse_event(json.dumps({"event_id": "e9", "type": "case_opened", "case_id": "c0",
+                                  "ts": 1_764_000_000_100}).encode())
+    plan = _plan_all(ledger, cases, records, [(11, new)], origins={11: (2, 17)})
+    assert len(plan.applied) == 1
+
+
+def test_copies_in_one_batch_with_their_originals_count_once() -> None:
+    line = json.dumps({"event_id": "e1", "type": "case_opened", "case_id": "c1",
+                       "ts": 1_764_000_000_000}).encode()
+    event = parse_event(line)
+    ledger, cases, records = _ledger(), {}, {}
+    plan = _plan_all(ledger, cases, records, [(0, event), (1, event)],
+                     origins={0: (0, 5), 1: (0, 5)})
+    assert [a.offset for a in plan.applied] == [0]
+    assert build_report(ledger.aggregate(0))["events"]["duplicate"] == 0
+
+
+def test_events_on_a_partition_their_case_does_not_belong_to_are_counted_misrouted() -> None:
+    lines = [json.dumps({"event_id": f"e{i}", "type": "case_opened", "case_id": f"c{i}",
+                         "ts": 1_764_000_000_000 + i}).encode() for i in range(10)]
+    batch = [(i, parse_event(line)) for i, line in enumerate(lines)]
+
+    def home(case_id: str) -> int:
+        return int(case_id[1:]) % 2  # even cases belong on partition 0
+
+    ledger, cases, records = _ledger(), {}, {}
+    plan = _plan_all(ledger, cases, records, batch, home=home)
+    assert sorted(plan.misrouted) == [f"c{i}" for i in (1, 3, 5, 7, 9)]
+    assert build_report(ledger.aggregate(0))["events"]["misrouted"] == 5
+    # counted in the cases' state: a rebuild from the tables finds the same count
+    rebuilt = _ledger()
+    rebuilt.build(cases.items(), records.items(), {0})
+    assert build_report(rebuilt.aggregate(0))["events"]["misrouted"] == 5
+    # a redelivery is not counted again
+    _plan_all(ledger, cases, records, batch, home=home)
+    assert build_report(ledger.aggregate(0))["events"]["misrouted"] == 5
