@@ -18,7 +18,6 @@ from streams.broker import BrokerUnavailable, EmbeddedBroker
 from streams.config import Settings
 
 DATA = Path(__file__).parent / "data"
-SHARED_SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec"
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ from streams.events import InvalidEvent, parse_event
 from streams.kpis import Aggregate
 from streams.ledger import Ledger, Parsed
 
-from .conftest import SHARED_SPEC
+from .conftest import DATA
 
 DAY_US = 86_400 * SECOND_US
 # No grace: the worked example's out-of-order events then make late events, whose count
 # depends on the partition's event time at each event.
 POLICY = WindowPolicy(sizes_s=(60, 3600), grace_s=0)
-SAMPLE = SHARED_SPEC / "sample" / "events.jsonl"
+SAMPLE = DATA / "sample" / "events.jsonl"
 
 
 def _parse(line: bytes) -> Parsed:
