@@ -152,15 +152,18 @@ async def _scan_tail(bootstrap: str, tp: TopicPartition, first_offset: int,
 
 
 async def ensure_copartitioned(settings: Any, topic: str,
-                               client: Mapping[str, Any] | None = None) -> None:
-    """Create `topic` if missing and check it has a partition for each events partition:
-    records of events partition p go to its partition p (the resend tail relies on it)."""
+                               client: Mapping[str, Any] | None = None,
+                               like: str | None = None) -> None:
+    """Create `topic` if missing and check it has a partition for each partition of `like`
+    (default: the cases' topic): records of partition p go to its partition p (the resend
+    tail relies on it)."""
+    like = like or settings.cases_topic
     await ensure_topics(settings.bootstrap_servers, {topic: settings.partitions},
                         settings.replication_factor, client=client)
     async with reader(settings.bootstrap_servers, client=client) as consumer:
         have = await partition_count(consumer, topic)
-        need = await partition_count(consumer, settings.cases_topic)
+        need = await partition_count(consumer, like)
     if have < need:
         raise OutputTopicError(
             f"topic {topic} has {have} partitions, fewer than the {need} of "
-            f"{settings.cases_topic}: recreate it with {need}")
+            f"{like}: recreate it with {need}")

@@ -44,7 +44,8 @@ from .faust_fixes import (
 )
 from .faust_handover import hand_over_eagerly
 from .ledger import BatchPlan, Ledger, Origins
-from .partitioners import SOURCE_HEADER, CaseRouting, parse_source, source_header
+from .partitioners import CaseRouting, parse_source
+from .rekey import Rekeyer
 from .security import faust_credentials, kafka_client_kwargs
 from .window_tables import WindowTables
 
@@ -189,6 +190,9 @@ def build_app(settings: Settings) -> faust.App:
         routing = routings.get("cases")
         if routing is None:
             await ensure_copartitioned(settings, settings.links_topic, client_options)
+            if settings.repartitions:
+                await ensure_copartitioned(settings, settings.source_times_topic,
+                                           client_options, like=settings.events_topic)
             async with reader(settings.bootstrap_servers, client=client_options) as consumer:
                 count = await partition_count(consumer, settings.cases_topic)
             if count == 0:
@@ -336,23 +340,6 @@ def build_app(settings: Settings) -> faust.App:
                                          PROCESSING_ERROR, counter=kpis.PROCESSING_ERROR,
                                          dead_lettered=dead_lettered)
 
-    async def forward(partition: int, events: list[Any]) -> None:
-        """Re-key one events partition's batch onto the cases topic, in offset order, each
-        with its source position; wait until the broker has every one."""
-        routing = await case_routing()
-        messages = {event.message.offset: event.message for event in events}
-        acks = []
-        for offset in sorted(messages):
-            message = messages[offset]
-            key, partition = routing.rekey(message.value, message.key, message.partition)
-            headers = [*(h for h in message.headers or () if h[0] != SOURCE_HEADER),
-                       source_header(message.partition, offset)]
-            acks.append(await cases_topic.send(key=key, value=message.value,
-                                               partition=partition, headers=headers,
-                                               force=True))
-        for ack in acks:
-            await ack
-
     async def in_batches(stream: faust.StreamT,
                          handle: Callable[[int, list[Any]], Awaitable[None]]) -> None:
         """Hand each batch to `handle`, partition by partition, in order."""
@@ -373,9 +360,17 @@ def build_app(settings: Settings) -> faust.App:
                 raise
 
     if settings.repartitions:
+        rekeyer = Rekeyer(cases_topic, app.topic(settings.source_times_topic, **raw),
+                          settings.source_times_topic, settings.bootstrap_servers,
+                          client_options, case_routing)
+
         @app.agent(events_topic)
         async def rekey_events(stream: faust.StreamT) -> None:
-            await in_batches(stream, forward)
+            await in_batches(stream, rekeyer.forward)
+
+        @app.on_partitions_revoked.connect
+        async def forget_forwarded(sender: Any, revoked: set[TP], **_: Any) -> None:
+            rekeyer.forget({tp.partition for tp in revoked if tp.topic == settings.events_topic})
 
     @app.agent(cases_topic)
     async def process_events(stream: faust.StreamT) -> None:

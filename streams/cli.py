@@ -122,6 +122,8 @@ def run_worker(settings: Settings) -> int:
             settings.events_topic: settings.partitions,
             settings.dlq_topic: settings.partitions,
             settings.cases_topic: settings.partitions,
+            **({settings.source_times_topic: settings.partitions}
+               if settings.repartitions else {}),
         }, settings.replication_factor, settings.broker_wait_s, kafka_client_kwargs(settings)))
     finally:
         loop.close()

@@ -136,6 +136,11 @@ class Settings:
         return self.partitioner == REPARTITION
 
     @property
+    def source_times_topic(self) -> str:
+        """`repartition`: each events partition's event time, as forwarded (streams/rekey.py)."""
+        return self.repartition_topic + ".event-time"
+
+    @property
     def cases_topic(self) -> str:
         """The topic whose partitions hold the cases: the events topic, or the re-keyed one."""
         return self.repartition_topic if self.repartitions else self.events_topic

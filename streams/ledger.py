@@ -31,6 +31,7 @@ from .cases import (
 )
 from .events import Event, InvalidEvent
 from .kpis import Aggregate
+from .partitioners import Origin
 from .state_bytes import dump_state
 
 SWEEP_EVERY_US = 3600 * SECOND_US
@@ -74,7 +75,7 @@ class PartitionRecord:
 CaseTable = MutableMapping[str, bytes]
 PartitionTable = MutableMapping[int, bytes]
 Parsed = Event | InvalidEvent
-Origins = Mapping[int, tuple[int, int]]  # offset -> (source partition, source offset)
+Origins = Mapping[int, Origin]  # offset -> where a re-keyed event came from
 CaseHome = Callable[[str], int]  # the partition the producers' partitioner gives a case
 
 
@@ -187,15 +188,17 @@ class Ledger:
                 state = CaseState.from_bytes(raw) if raw is not None else None
             if state is not None and state.offset >= offset:
                 if pending is not None and pending.advances(offset):
-                    watermark = _later(watermark, parsed.ts_us)
+                    watermark = _later(watermark, _later(parsed.ts_us, origin and origin.time_us))
                 continue
             if state is not None and _counted(state.sources, origin):
                 continue  # a second copy of a re-keyed event
             related = related_case(parsed)
             if related is not None:
                 plan.links.append((related, parsed.ts_us))
+            # Lateness is judged against the partition the event was produced to.
+            judged = watermark if origin is None else origin.time_us
             step = apply_event(state, parsed, partition=partition, offset=offset,
-                               watermark_us=watermark, windows=self.windows,
+                               watermark_us=judged, windows=self.windows,
                                sample_rate=self.sample_rate)
             _note(step.state.sources, origin)
             if home is not None and home(parsed.case_id) != partition:
@@ -204,11 +207,11 @@ class Ledger:
             states[parsed.case_id] = step.state
             # The case goes on changing in the batch: its items show it as of this event.
             view = step.state.annotation_view() if step.routes else None
-            plan.applied.append(Applied(offset, parsed, step, watermark, view))
+            plan.applied.append(Applied(offset, parsed, step, judged, view))
             if step.duplicate:
                 plan.duplicates.append(offset)
             else:
-                watermark = step.state.watermark_us
+                watermark = _later(watermark, step.state.watermark_us)
         plan.after_us = watermark
         plan.recovered_batch_done = pending is not None and plan.last >= pending.end
         if origins and invalid_sources != record.sources:
@@ -398,15 +401,15 @@ class Ledger:
             self.watermarks[partition] = max(self.watermarks.get(partition, value), value)
 
 
-def _counted(last: dict[str, int], origin: tuple[int, int] | None) -> bool:
+def _counted(last: dict[str, int], origin: Origin | None) -> bool:
     """Whether a re-keyed message's source position was counted already: each source
     partition is forwarded in order, so anything at or below the last one is a copy."""
-    return origin is not None and last.get(str(origin[0]), -1) >= origin[1]
+    return origin is not None and last.get(str(origin.partition), -1) >= origin.offset
 
 
-def _note(last: dict[str, int], origin: tuple[int, int] | None) -> None:
+def _note(last: dict[str, int], origin: Origin | None) -> None:
     if origin is not None:
-        last[str(origin[0])] = origin[1]
+        last[str(origin.partition)] = origin.offset
 
 
 def _later(a: int | None, b: int | None) -> int | None:

@@ -20,9 +20,12 @@ import random
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
 from aiokafka.partitioner import murmur2 as _java_murmur2
+
+from .events import InvalidEvent, parse_event
 
 MURMUR2 = "murmur2"
 CRC32 = "crc32"
@@ -94,7 +97,18 @@ class ClientPartitioner:
         return all_partitions[self.hash_of(key) % len(all_partitions)]
 
 
-SOURCE_HEADER = "acsr-source"  # on re-keyed events: b"<source partition>:<source offset>"
+# On re-keyed events: b"<source partition>:<source offset>:<source event time, us>".
+SOURCE_HEADER = "acsr-source"
+
+
+class Origin(NamedTuple):
+    """Where a re-keyed event came from, and its source partition's event time before it
+    (None: no valid event yet): lateness is judged against that time, as it would be on
+    the source partition itself."""
+
+    partition: int
+    offset: int
+    time_us: int | None
 
 
 @dataclass(frozen=True)
@@ -139,14 +153,25 @@ class CaseRouting:
                 "or key the producers by case_id if they do not")
 
 
-def parse_source(headers: Iterable[tuple[str, bytes]] | None) -> tuple[int, int] | None:
-    """The source position a re-keyed event carries (None on any other message)."""
+def parse_source(headers: Iterable[tuple[str, bytes]] | None) -> Origin | None:
+    """The origin a re-keyed event carries (None on any other message)."""
     for name, value in headers or ():
         if name == SOURCE_HEADER:
-            partition, _, offset = value.partition(b":")
-            return int(partition), int(offset)
+            partition, offset, time_us = value.split(b":")
+            return Origin(int(partition), int(offset), int(time_us) if time_us else None)
     return None
 
 
-def source_header(partition: int, offset: int) -> tuple[str, bytes]:
-    return SOURCE_HEADER, f"{partition}:{offset}".encode()
+def source_header(origin: Origin) -> tuple[str, bytes]:
+    time_us = "" if origin.time_us is None else str(origin.time_us)
+    return SOURCE_HEADER, f"{origin.partition}:{origin.offset}:{time_us}".encode()
+
+
+def event_time_after(time_us: int | None, value: bytes | None) -> int | None:
+    """A partition's event time after a message: moved by the `ts` of a valid event.
+    (A repeated `event_id` moves it too: a producer's retry repeats its `ts`.)"""
+    try:
+        ts_us = parse_event(value).ts_us
+    except InvalidEvent:
+        return time_us
+    return ts_us if time_us is None else max(time_us, ts_us)

@@ -10,6 +10,7 @@ from streams.cases import SECOND_US, WindowPolicy, related_case
 from streams.events import InvalidEvent, parse_event
 from streams.kpis import build_report
 from streams.ledger import Ledger
+from streams.partitioners import Origin
 
 from .conftest import report_mismatches
 
@@ -153,7 +154,8 @@ def test_a_re_keyed_event_forwarded_twice_counts_once() -> None:
     # source partition 2, offsets 10-16; the copy re-sends source offsets 13-16
     first = [(i, parsed[i]) for i in range(6)] + [(6, invalid)]
     copies = [(7 + i, parsed[3 + i]) for i in range(3)] + [(10, invalid)]
-    origins = {i: (2, 10 + i) for i in range(7)} | {7 + i: (2, 13 + i) for i in range(4)}
+    origins = ({i: Origin(2, 10 + i, None) for i in range(7)}
+               | {7 + i: Origin(2, 13 + i, None) for i in range(4)})
     ledger, cases, records = _ledger(), {}, {}
     _plan_all(ledger, cases, records, first, origins=origins)
     plan = _plan_all(ledger, cases, records, copies, origins=origins)
@@ -164,7 +166,7 @@ def test_a_re_keyed_event_forwarded_twice_counts_once() -> None:
     # A genuinely new event of the same source partition still counts.
     new = parse_event(json.dumps({"event_id": "e9", "type": "case_opened", "case_id": "c0",
                                   "ts": 1_764_000_000_100}).encode())
-    plan = _plan_all(ledger, cases, records, [(11, new)], origins={11: (2, 17)})
+    plan = _plan_all(ledger, cases, records, [(11, new)], origins={11: Origin(2, 17, None)})
     assert len(plan.applied) == 1
 
 
@@ -174,7 +176,7 @@ def test_copies_in_one_batch_with_their_originals_count_once() -> None:
     event = parse_event(line)
     ledger, cases, records = _ledger(), {}, {}
     plan = _plan_all(ledger, cases, records, [(0, event), (1, event)],
-                     origins={0: (0, 5), 1: (0, 5)})
+                     origins={0: Origin(0, 5, None), 1: Origin(0, 5, None)})
     assert [a.offset for a in plan.applied] == [0]
     assert build_report(ledger.aggregate(0))["events"]["duplicate"] == 0
 

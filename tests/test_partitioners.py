@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from confluent_kafka import Producer
@@ -19,6 +20,8 @@ from streams.partitioners import (
     REPARTITION,
     CaseRouting,
     ClientPartitioner,
+    Origin,
+    event_time_after,
     fnv1a_hash,
     parse_source,
     partition_for,
@@ -127,9 +130,18 @@ def test_rekey_routes_by_case_id_with_our_hash() -> None:
 
 
 def test_source_positions_round_trip_through_a_header() -> None:
-    header = source_header(3, 1234)
-    assert parse_source([("other", b"x"), header]) == (3, 1234)
-    assert parse_source(None) is None and parse_source([("other", b"1:2")]) is None
+    for origin in (Origin(3, 1234, 1_764_000_000_000_000), Origin(0, 0, None)):
+        assert parse_source([("other", b"x"), source_header(origin)]) == origin
+    assert parse_source(None) is None and parse_source([("other", b"1:2:3")]) is None
+
+
+def test_a_partitions_event_time_moves_with_valid_events_only() -> None:
+    def event(ts: int) -> bytes:
+        return orjson.dumps({"event_id": "e", "type": "case_opened", "case_id": "c", "ts": ts})
+
+    assert event_time_after(None, event(1_764_000_000_000)) == 1_764_000_000_000_000
+    assert event_time_after(5 * 10**15, event(1_764_000_000_000)) == 5 * 10**15
+    assert event_time_after(7, b"not json") == 7 and event_time_after(None, None) is None
 
 
 def test_the_remedy_names_the_partitioner_that_fits() -> None:
