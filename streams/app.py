@@ -31,7 +31,7 @@ from .annotation_log import (
 from .annotations import HORIZON_HEADER, ResendGuard, Source, build_item, encode
 from .cases import SECOND_US, WindowPolicy
 from .config import Settings
-from .events import Event, InvalidEvent, parse_event
+from .events import Event, EventTimeBounds, InvalidEvent, parse_event
 from .exporter import LabelBounds, WorkerView, build_registry
 from .faust_batches import AcknowledgedTable, ends_from_fetches, writes_on
 from .faust_fixes import (
@@ -78,9 +78,9 @@ def tables_recovering(app: faust.App) -> bool:
     return app.rebalancing or not app.tables.recovery.completed.is_set()
 
 
-def parse_or_invalid(value: bytes | None) -> Event | InvalidEvent:
+def parse_or_invalid(value: bytes | None, bounds: EventTimeBounds) -> Event | InvalidEvent:
     try:
-        return parse_event(value)
+        return parse_event(value, bounds)
     except InvalidEvent as invalid:
         return invalid
 
@@ -182,6 +182,7 @@ def build_app(settings: Settings) -> faust.App:
     annotation_topic_ready = asyncio.Event()
     window_tables = WindowTables(app, settings, ledger.windows, ledger.watermarks.get,
                                  client_options)
+    event_time_bounds = settings.event_time_bounds
     routings: dict[str, CaseRouting] = {}  # read once per assignment (partitions may be added)
     misrouting_logged: set[int] = set()
 
@@ -291,7 +292,7 @@ def build_app(settings: Settings) -> faust.App:
         # In offset order, each once: a seek back (a rebalance, a refetch) can hand some
         # records over again inside one batch.
         messages = {event.message.offset: event.message for event in events}
-        batch = [(offset, parse_or_invalid(messages[offset].value))
+        batch = [(offset, parse_or_invalid(messages[offset].value, event_time_bounds))
                  for offset in sorted(messages)]
         origins: Origins | None = None
         if settings.repartitions:
@@ -362,7 +363,7 @@ def build_app(settings: Settings) -> faust.App:
     if settings.repartitions:
         rekeyer = Rekeyer(cases_topic, app.topic(settings.source_times_topic, **raw),
                           settings.source_times_topic, settings.bootstrap_servers,
-                          client_options, case_routing)
+                          client_options, case_routing, event_time_bounds)
 
         @app.agent(events_topic)
         async def rekey_events(stream: faust.StreamT) -> None:

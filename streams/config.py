@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .events import DEFAULT_MAX_CLOCK_SKEW_S, EventTimeBounds
 from .partitioners import PARTITIONERS, REPARTITION
 
 DAY_S = 86_400
@@ -61,6 +62,8 @@ class Settings:
     sample_resolved_rate: float = 0.0  # share of autonomous resolutions sent for review
     data_dir: str = field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "acsr-metrics"))
     broker_wait_s: float = 60.0  # how long a starting worker waits for an unreachable broker
+    # An event whose ts is further ahead of the reader's clock is dead-lettered (future_ts).
+    max_clock_skew_s: float = float(DEFAULT_MAX_CLOCK_SKEW_S)
     # Kafka security (docs/reliability.md): applied to Faust and to our own clients alike.
     security_protocol: str = "PLAINTEXT"  # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL
     sasl_mechanism: str = "PLAIN"  # PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512
@@ -126,7 +129,7 @@ class Settings:
             )
         if self.log_level not in ("crit", "error", "warn", "info", "debug"):
             raise ConfigError("log_level must be one of crit, error, warn, info, debug")
-        _positive(self, "broker_wait_s")
+        _positive(self, "broker_wait_s", "max_clock_skew_s")
         _check_security(self)
         return self
 
@@ -144,6 +147,11 @@ class Settings:
     def cases_topic(self) -> str:
         """The topic whose partitions hold the cases: the events topic, or the re-keyed one."""
         return self.repartition_topic if self.repartitions else self.events_topic
+
+    @property
+    def event_time_bounds(self) -> EventTimeBounds:
+        """The plausible event times (past_ts, future_ts) against this process's clock."""
+        return EventTimeBounds(max_skew_s=self.max_clock_skew_s)
 
     def label_allow_lists(self) -> dict[str, frozenset[str]]:
         lists = {"intent": self.intent_allow, "channel": self.channel_allow,

@@ -38,6 +38,7 @@ from .simulate import (
     Progress,
     Simulation,
     add_traffic_arguments,
+    past_start_ms,
     publish,
     traffic_simulation,
 )
@@ -119,6 +120,12 @@ def render(report: dict[str, Any], header: str, rates: str) -> Group:
     status.add_row(header)
     status.add_row(f"events: {events['valid']} valid, {events['invalid']} invalid, "
                    f"{events['duplicate']} duplicate; {rates}")
+    implausible = {reason: n for reason, n in events["invalid_by_reason"].items()
+                   if reason in ("future_ts", "past_ts") and n}
+    if implausible:
+        status.add_row("[bold red]events dated implausibly (dead-lettered): "
+                       + ", ".join(f"{n} {reason}" for reason, n in sorted(implausible.items()))
+                       + ": a producer's clock or ts unit is wrong[/]")
     if events.get("misrouted"):
         status.add_row(f"[bold red]{events['misrouted']} events misrouted: the producers "
                        "partition otherwise than ACSR_PARTITIONER says (docs/events.md)[/]")
@@ -187,6 +194,7 @@ async def run_demo(settings: Settings, options: DemoOptions, log_dir: Path) -> N
             print(f"Prometheus at {url} (rules: {RULES_DIR})", flush=True)
         seed = options.seed if options.seed is not None else int(time.time())
         simulation = Simulation(scenario, seed=seed, rate=options.rate, speed=options.speed,
+                                start_ms=past_start_ms(options.duration_s, options.speed),
                                 change_after_s=options.change_after_s)
         header = (f"scenario {scenario.name} (seed {seed}, {options.speed:g}x time"
                   + ("" if scenario.name == "steady" else

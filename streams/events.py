@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -40,6 +42,8 @@ INVALID_REASONS = (
     "unknown_type",
     "bad_schema_version",
     "bad_ts",
+    "past_ts",
+    "future_ts",
 )
 
 DIMENSIONS = ("intent", "channel", "agent_version")
@@ -48,6 +52,34 @@ _DIMENSION_MAX_LEN = {"intent": 64, "channel": 32, "agent_version": 64}
 # Timestamps must be representable as a calendar date: years 1..9999.
 _MIN_TS_MS = -62_135_596_800_000
 _MAX_TS_MS = 253_402_300_799_999
+
+
+EARLIEST_TS_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z: anything before is a unit mistake
+DEFAULT_MAX_CLOCK_SKEW_S = 600
+
+
+@dataclass(frozen=True)
+class EventTimeBounds:
+    """A `ts` must be after 2000 and at most `max_skew_s` ahead of the reader's clock: one
+    event dated years ahead would move its partition's event time past every open window
+    and case (docs/kpis.md, "Event time")."""
+
+    max_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S
+    clock: Callable[[], float] = time.time
+
+    def check(self, ts_us: int) -> None:
+        if ts_us < EARLIEST_TS_US:
+            raise InvalidEvent("past_ts", f"ts {format_ts(ts_us)} is before 2000-01-01: "
+                               "epoch seconds where milliseconds belong?")
+        ahead_us = ts_us - round(self.clock() * 1_000_000)
+        if ahead_us > self.max_skew_s * 1_000_000:
+            raise InvalidEvent(
+                "future_ts", f"ts {format_ts(ts_us)} is {ahead_us / 1e6:,.0f} s ahead of this "
+                f"clock, more than the {self.max_skew_s:g} s allowed (ACSR_MAX_CLOCK_SKEW_S): "
+                "is the producer's clock ahead?")
+
+
+READER_CLOCK = EventTimeBounds()  # the contract's default skew, against this process's clock
 
 
 class InvalidEvent(ValueError):
@@ -270,8 +302,9 @@ def _decode(raw: bytes) -> Any:
     return doc
 
 
-def parse_event(raw: bytes | bytearray | memoryview | None) -> Event:
-    """Validate one message value against the contract."""
+def parse_event(raw: bytes | bytearray | memoryview | None,
+                bounds: EventTimeBounds = READER_CLOCK) -> Event:
+    """Validate one message value against the contract (`bounds`: the allowed event time)."""
     if raw is None:
         raise InvalidEvent("not_json", "empty message")
     raw = bytes(raw)
@@ -280,10 +313,10 @@ def parse_event(raw: bytes | bytearray | memoryview | None) -> Event:
     doc = _decode(raw)
     if not isinstance(doc, dict):
         raise InvalidEvent("not_object", f"JSON {type(doc).__name__}, not an object")
-    return validate_event(doc)
+    return validate_event(doc, bounds)
 
 
-def validate_event(doc: dict[str, Any]) -> Event:
+def validate_event(doc: dict[str, Any], bounds: EventTimeBounds = READER_CLOCK) -> Event:
     """Validate an already decoded JSON object."""
     for name in ("event_id", "type", "case_id", "ts"):
         if doc.get(name) is None:
@@ -311,6 +344,7 @@ def validate_event(doc: dict[str, Any]) -> Event:
         value = get(name)
         if value is not None and not check(value):
             raise InvalidEvent("bad_field", f"{name} has the wrong type or is out of range")
+    bounds.check(ts_us)  # last: these reasons apply to otherwise valid events
     return Event(doc["event_id"], event_type, doc["case_id"], ts_us, doc)
 
 

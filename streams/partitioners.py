@@ -25,7 +25,7 @@ from typing import NamedTuple
 import orjson
 from aiokafka.partitioner import murmur2 as _java_murmur2
 
-from .events import InvalidEvent, parse_event
+from .events import READER_CLOCK, EventTimeBounds, InvalidEvent, parse_event
 
 MURMUR2 = "murmur2"
 CRC32 = "crc32"
@@ -167,11 +167,12 @@ def source_header(origin: Origin) -> tuple[str, bytes]:
     return SOURCE_HEADER, f"{origin.partition}:{origin.offset}:{time_us}".encode()
 
 
-def event_time_after(time_us: int | None, value: bytes | None) -> int | None:
+def event_time_after(time_us: int | None, value: bytes | None,
+                     bounds: EventTimeBounds = READER_CLOCK) -> int | None:
     """A partition's event time after a message: moved by the `ts` of a valid event.
     (A repeated `event_id` moves it too: a producer's retry repeats its `ts`.)"""
     try:
-        ts_us = parse_event(value).ts_us
+        ts_us = parse_event(value, bounds).ts_us
     except InvalidEvent:
         return time_us
     return ts_us if time_us is None else max(time_us, ts_us)

@@ -31,7 +31,14 @@ from aiokafka.structs import RecordMetadata
 
 from .broker import ONE_RECORD_BATCH_BYTES, BrokerUnavailable
 from .config import Settings
-from .events import InvalidEvent, message_key, parse_event
+from .events import (
+    DEFAULT_MAX_CLOCK_SKEW_S,
+    READER_CLOCK,
+    EventTimeBounds,
+    InvalidEvent,
+    message_key,
+    parse_event,
+)
 from .partitioners import MURMUR2, ClientPartitioner
 from .security import kafka_client_kwargs
 
@@ -50,7 +57,8 @@ class InvalidEventError(InvalidEvent):
 
 
 def build_event(event_type: str, case_id: str, *, event_id: str | None = None,
-                ts: datetime | int | str | None = None, **fields: Any) -> dict[str, Any]:
+                ts: datetime | int | str | None = None,
+                bounds: EventTimeBounds = READER_CLOCK, **fields: Any) -> dict[str, Any]:
     """An event as a JSON object, checked against the contract.
 
     `event_id` defaults to a fresh UUID, `ts` to now; fields that are None are left out
@@ -67,24 +75,25 @@ def build_event(event_type: str, case_id: str, *, event_id: str | None = None,
         "ts": ts,
         **{name: value for name, value in fields.items() if value is not None},
     }
-    encode(doc)
+    encode(doc, bounds)
     return doc
 
 
-def encode(doc: dict[str, Any]) -> bytes:
+def encode(doc: dict[str, Any], bounds: EventTimeBounds = READER_CLOCK) -> bytes:
     """The message value of an event object, checked as the processor will check it."""
     try:
         raw = orjson.dumps(doc)
     except TypeError as err:
         raise InvalidEventError("not_json", str(err), doc.get("type"), doc.get("case_id")) from None
-    check(raw)
+    check(raw, bounds)
     return raw
 
 
-def check(raw: bytes) -> None:
-    """Raise InvalidEventError when the processor would dead-letter this message value."""
+def check(raw: bytes, bounds: EventTimeBounds = READER_CLOCK) -> None:
+    """Raise InvalidEventError when the processor would dead-letter this message value
+    (an implausible `ts` against this process's clock: past_ts, future_ts)."""
     try:
-        parse_event(raw)
+        parse_event(raw, bounds)
     except InvalidEvent as err:
         try:
             doc = orjson.loads(raw)
@@ -108,8 +117,10 @@ class Publisher:
     """Sends checked events to the events topic, keyed by `case_id`."""
 
     def __init__(self, broker: str = "127.0.0.1:9092", topic: str = "acsr.events", *,
-                 embedded: bool = False, partitioner: str = MURMUR2, **options: Any) -> None:
+                 embedded: bool = False, partitioner: str = MURMUR2,
+                 max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S, **options: Any) -> None:
         self.topic = topic
+        self.bounds = EventTimeBounds(max_skew_s=max_clock_skew_s)
         self.options = {**producer_options(embedded),
                         "partitioner": ClientPartitioner(partitioner), **options}
         self.broker = Settings(broker=broker).validate().bootstrap_servers
@@ -119,7 +130,9 @@ class Publisher:
     def from_settings(cls, settings: Settings, **options: Any) -> Publisher:
         """The broker, events topic, security and embedded-broker mode of `settings`."""
         return cls(settings.broker, settings.events_topic, embedded=settings.tansu,
-                   partitioner=settings.partitioner, **{**kafka_client_kwargs(settings), **options})
+                   partitioner=settings.partitioner,
+                   max_clock_skew_s=settings.max_clock_skew_s,
+                   **{**kafka_client_kwargs(settings), **options})
 
     async def start(self) -> Publisher:
         if self._producer is None:
@@ -151,7 +164,8 @@ class Publisher:
     async def send(self, event_type: str, case_id: str, **fields: Any) -> Delivery:
         """Build, check and queue one event (see `build_event`); returns its delivery,
         a future of the broker's acknowledgement. `stop()` waits for every delivery."""
-        return await self.send_event(build_event(event_type, case_id, **fields))
+        return await self.send_event(build_event(event_type, case_id, bounds=self.bounds,
+                                                 **fields))
 
     async def send_and_wait(self, event_type: str, case_id: str, **fields: Any
                             ) -> RecordMetadata:
@@ -160,13 +174,13 @@ class Publisher:
 
     async def send_event(self, doc: dict[str, Any]) -> Delivery:
         """Check and queue an event object that already has its envelope."""
-        return await self.send_value(encode(doc))
+        return await self.send_value(encode(doc, self.bounds))
 
     async def send_value(self, value: bytes, *, checked: bool = True) -> Delivery:
         """Queue a message value keyed by its `case_id`. With `checked=False` the value
         goes out even when it breaks the contract (test traffic for the dead-letter path)."""
         if checked:
-            check(value)
+            check(value, self.bounds)
         if self._producer is None:
             raise RuntimeError("Publisher is not started: use `async with Publisher(...)`")
         return await self._producer.send(self.topic, value, key=message_key(value))

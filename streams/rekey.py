@@ -24,6 +24,7 @@ import orjson
 from aiokafka import TopicPartition
 
 from .annotation_log import high_watermarks, read_range, reader
+from .events import EventTimeBounds
 from .partitioners import SOURCE_HEADER, CaseRouting, Origin, event_time_after, source_header
 
 log = logging.getLogger("acsr_metrics")
@@ -34,7 +35,9 @@ class Rekeyer:
 
     def __init__(self, cases_topic: Any, times_topic: Any, times_topic_name: str,
                  bootstrap: str, client: Mapping[str, Any],
-                 routing: Callable[[], Awaitable[CaseRouting]]) -> None:
+                 routing: Callable[[], Awaitable[CaseRouting]],
+                 bounds: EventTimeBounds) -> None:
+        self.bounds = bounds
         self.cases_topic = cases_topic
         self.times_topic = times_topic
         self.times_topic_name = times_topic_name
@@ -57,7 +60,7 @@ class Rekeyer:
             acks.append(await self.cases_topic.send(key=key, value=message.value,
                                                     partition=target, headers=headers,
                                                     force=True))
-            time_us = event_time_after(time_us, message.value)
+            time_us = event_time_after(time_us, message.value, self.bounds)
         for ack in acks:
             await ack
         last = max(messages)

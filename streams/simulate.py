@@ -169,6 +169,19 @@ class _Case:
         self.sim.push(t_s, orjson.dumps(doc))
 
 
+DEFAULT_LOOKBACK_S = 86_400  # an open-ended run's simulated clock starts a day back
+
+
+def past_start_ms(duration_s: float | None, speed: float, now_ms: int | None = None) -> int:
+    """Where the simulated clock starts when none is given: far enough back that the run
+    never dates an event ahead of the real clock (the processor refuses those as
+    future_ts); a day back for an open-ended run, whose clock `pace` slows to real time
+    once it has caught up."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    span_s = duration_s * speed if duration_s is not None else DEFAULT_LOOKBACK_S
+    return now_ms - round(span_s * 1000)
+
+
 class Simulation:
     """The endless, deterministic message stream of one scenario, in simulated-time
     order. Iterate it once: generation state (random generators, queue) is consumed."""
@@ -181,7 +194,7 @@ class Simulation:
         self.scenario = scenario
         self.seed = seed
         self.speed = speed
-        self.start_ms = int(time.time() * 1000) if start_ms is None else start_ms
+        self.start_ms = past_start_ms(None, speed) if start_ms is None else start_ms
         self.change_at_s = change_after_s * speed  # in simulated seconds
         self.arrivals_per_s = rate / MESSAGES_PER_CASE / speed
         self.rng = random.Random(seed)
@@ -374,12 +387,14 @@ async def pace(simulation: Simulation, send: Callable[[Message], Any],
                duration_s: float | None = None, stop: asyncio.Event | None = None,
                progress: Progress | None = None) -> Progress:
     """Hand each message to `send` (an async callable) when its simulated time comes,
-    until `duration_s` wall seconds have passed or `stop` is set."""
+    and never before its `ts` on the real clock (a simulated clock that caught up runs at
+    real time), until `duration_s` wall seconds have passed or `stop` is set."""
     progress = progress or Progress()
     stop = stop or asyncio.Event()
     started = time.monotonic()
+    behind_s = time.time() - simulation.start_ms / 1000  # how far the clock starts back
     for message in simulation:
-        due = message.t_s / simulation.speed
+        due = max(message.t_s / simulation.speed, message.t_s - behind_s)
         if duration_s is not None and due >= duration_s:
             break
         delay = started + due - time.monotonic()
@@ -432,7 +447,8 @@ def add_simulate_parser(commands: argparse._SubParsersAction) -> None:
     add_traffic_arguments(sim, rate=20.0, speed=1.0)
     sim.add_argument("--duration", type=float, help="stop after this many seconds")
     sim.add_argument("--start", help="simulated time of the start, RFC 3339 or epoch ms "
-                     "(default now)")
+                     "(default: --duration x --speed before now, so that no event is dated "
+                     "ahead of the real clock; a day before now without --duration)")
     sim.add_argument("--invalid-share", type=float, default=0.003,
                      help="share of invalid messages (default 0.003)")
     sim.add_argument("--duplicate-share", type=float, default=0.003,
@@ -490,8 +506,10 @@ def run_simulate_command(args: argparse.Namespace, base: Settings) -> int:
                                    partitions=args.partitions)
     if args.tansu:
         settings = settings.with_overrides(tansu=True)
-    simulation = traffic_simulation(args, _start_ms(args.start), args.invalid_share,
-                                    args.duplicate_share)
+    start_ms = _start_ms(args.start)
+    if start_ms is None:
+        start_ms = past_start_ms(args.duration, args.speed)
+    simulation = traffic_simulation(args, start_ms, args.invalid_share, args.duplicate_share)
     say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr,
                                                                        flush=True))
     say(f"simulate: scenario {args.scenario}, seed {simulation.seed}, {args.rate:g} msg/s, "

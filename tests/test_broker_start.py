@@ -90,3 +90,21 @@ async def test_a_broker_that_comes_up_late_is_waited_for() -> None:
             await admin.close()
     finally:
         broker.stop()
+
+
+@pytest.mark.parametrize(("name", "raw", "message"), [
+    ("ACSR_MAX_CLOCK_SKEW_S", "0", "max_clock_skew_s must be > 0"),
+    ("ACSR_MAX_CLOCK_SKEW_S", "ten minutes", "ACSR_MAX_CLOCK_SKEW_S='ten minutes'"),
+    ("ACSR_PARTITIONER", "java", "ACSR_PARTITIONER='java' must be one of murmur2, crc32, fnv1a"),
+])
+def test_bad_event_settings_fail_at_start_naming_the_setting(name: str, raw: str,
+                                                             message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_env({name: raw})
+
+
+def test_event_settings_reach_the_worker_processes() -> None:
+    settings = Settings(max_clock_skew_s=30, partitioner="crc32")
+    again = from_env(settings.to_env())
+    assert (again.max_clock_skew_s, again.partitioner) == (30, "crc32")
+    assert again.event_time_bounds.max_skew_s == 30

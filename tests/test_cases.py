@@ -765,13 +765,13 @@ def test_round_tripping_state_between_events_changes_nothing() -> None:
 
 
 EDGE_MESSAGES = [
-    b'{"event_id":"e","type":"response_sent","case_id":"c","ts":1,"latency_ms":1,'
+    b'{"event_id":"e","type":"response_sent","case_id":"c","ts":1764000000000,"latency_ms":1,'
     b'"cost_usd":1000000000000000000000000000000}',
-    b'{"event_id":"e","type":"response_sent","case_id":"c","ts":1,"latency_ms":1,'
+    b'{"event_id":"e","type":"response_sent","case_id":"c","ts":1764000000000,"latency_ms":1,'
     b'"tokens_in":18446744073709551616,"cost_usd":0.1}',
-    b'{"event_id":"e","type":"action_executed","case_id":"c","ts":1,"action":"\xf0\x9f\x98\x80",'
+    b'{"event_id":"e","type":"action_executed","case_id":"c","ts":1764000000000,"action":"\xf0\x9f\x98\x80",'
     b'"success":false,"cost_usd":0.5,"x":1e400}',
-    b'{"event_id":"\\ud83d\\ude00","type":"thumbs_submitted","case_id":"c","ts":1,'
+    b'{"event_id":"\\ud83d\\ude00","type":"thumbs_submitted","case_id":"c","ts":1764000000000,'
     b'"vote":"down","x":1' + b"0" * 5000 + b"}",
 ]
 
@@ -785,7 +785,7 @@ def test_state_round_trips_for_edge_values(raw: bytes) -> None:
     again = CaseState.from_bytes(step.state.to_bytes())
     assert again == step.state
     more = parse_event(orjson.dumps({"event_id": "e2", "type": "response_sent", "case_id": "c",
-                                     "ts": 2, "latency_ms": 1, "cost_usd": 0.25}))
+                                     "ts": 1764000000001, "latency_ms": 1, "cost_usd": 0.25}))
     after = apply_event(again, more, partition=0, offset=1, watermark_us=again.watermark_us,
                         windows=windows)
     assert after.state.cost == pytest.approx(step.state.cost + 0.25)

@@ -74,6 +74,11 @@ def test_demo_serves_concluded_cases_and_stops_everything_on_ctrl_c(tmp_path: Pa
                                   "acsr_cases_concluded_total")
             time.sleep(0.5)
         assert concluded >= 20
+        # Its simulated clock runs 60 times faster than the real one and starts in the
+        # past: nothing it sends is dated ahead of the real clock.
+        metrics = get(f"http://127.0.0.1:{port}/metrics")
+        assert total(metrics, "acsr_events_invalid_total", reason="future_ts") == 0
+        assert total(metrics, "acsr_events_invalid_total", reason="past_ts") == 0
         if prometheus_port:
             assert_prometheus_scrapes_the_worker(prometheus_port)
         children = descendants(demo.pid)
@@ -136,3 +141,18 @@ def test_the_view_shows_misrouted_events_only_when_there_are_some() -> None:
 
     assert "3 events misrouted" in shown(3)
     assert "misrouted" not in shown(0)
+
+
+def test_the_view_shows_implausibly_dated_events() -> None:
+    from rich.console import Console
+
+    from streams.demo import render
+    from streams.kpis import Aggregate, build_report
+
+    agg = Aggregate()
+    agg.count("invalid", "future_ts", 2)
+    agg.count("invalid", "past_ts", 1)
+    console = Console(width=160, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(render(build_report(agg), "demo", "rates"))
+    text = console.export_text()
+    assert "2 future_ts" in text and "1 past_ts" in text

@@ -12,11 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams.events import (
+    EARLIEST_TS_US,
     ESCALATION_REASONS,
     EVENT_TYPES,
     INVALID_REASONS,
     MAX_MESSAGE_BYTES,
+    READER_CLOCK,
     Event,
+    EventTimeBounds,
     InvalidEvent,
     message_key,
     normalise_reason,
@@ -78,13 +81,24 @@ def without(d: dict[str, Any], *names: str) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in names}
 
 
-def reason(message: dict[str, Any] | bytes | None) -> str:
-    """The InvalidEvent reason parse_event gives `message` (fails if it parses)."""
+def reason_of(message: dict[str, Any] | bytes | None, bounds: EventTimeBounds = READER_CLOCK
+              ) -> InvalidEvent | None:
+    """What parse_event refuses `message` with (None when it parses)."""
     raw = message if message is None or isinstance(message, bytes) else orjson.dumps(message)
-    with pytest.raises(InvalidEvent) as info:
-        parse_event(raw)
-    assert info.value.reason in INVALID_REASONS
-    return info.value.reason
+    try:
+        parse_event(raw, bounds)
+    except InvalidEvent as invalid:
+        assert invalid.reason in INVALID_REASONS
+        return invalid
+    return None
+
+
+def reason(message: dict[str, Any] | bytes | None, bounds: EventTimeBounds = READER_CLOCK
+           ) -> str:
+    """The InvalidEvent reason parse_event gives `message` (fails if it parses)."""
+    invalid = reason_of(message, bounds)
+    assert invalid is not None, f"{message!r} parsed"
+    return invalid.reason
 
 
 def parse(d: dict[str, Any]) -> Event:
@@ -638,7 +652,10 @@ def test_invalid_reasons_are_the_contract_list() -> None:
         "unknown_type",
         "bad_schema_version",
         "bad_ts",
+        "past_ts",
+        "future_ts",
     }
+    assert INVALID_REASONS[-2:] == ("past_ts", "future_ts")  # last: otherwise valid events
 
 
 # --- normalise_reason and message_key -----------------------------------------------------
@@ -874,13 +891,47 @@ TYPE_FIELDS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
 }
 
 
+FIXED_NOW_S = 1_795_352_400.0  # 2026-11-22T13:00:00Z
+FIXED_CLOCK = EventTimeBounds(max_skew_s=600, clock=lambda: FIXED_NOW_S)
+
+
+def test_a_ts_exactly_the_allowed_skew_ahead_is_valid_one_ms_more_is_not() -> None:
+    now_ms = int(FIXED_NOW_S * 1000)
+    assert reason_of(doc(ts=now_ms + 600_000), FIXED_CLOCK) is None
+    assert reason(doc(ts=now_ms + 600_001), FIXED_CLOCK) == "future_ts"
+    assert reason(doc(ts="2026-11-22T13:10:00.001Z"), FIXED_CLOCK) == "future_ts"
+    assert reason_of(doc(ts="2026-11-22T13:10:00Z"), FIXED_CLOCK) is None
+    skewless = EventTimeBounds(max_skew_s=0.5, clock=lambda: FIXED_NOW_S)
+    assert reason(doc(ts=now_ms + 501), skewless) == "future_ts"
+
+
+def test_a_ts_before_2000_is_past_ts() -> None:
+    assert reason_of(doc(ts=946_684_800_000), FIXED_CLOCK) is None  # 2000-01-01T00:00:00Z
+    assert reason(doc(ts=946_684_799_999), FIXED_CLOCK) == "past_ts"
+    # epoch seconds where milliseconds belong: January 1970
+    invalid = reason_of(doc(ts=1_795_352_400), FIXED_CLOCK)
+    assert invalid.reason == "past_ts" and "epoch seconds" in invalid.detail
+    # milliseconds in 2100, and microseconds where milliseconds belong (past year 9999)
+    assert reason(doc(ts=4_102_444_800_000), FIXED_CLOCK) == "future_ts"
+    assert reason(doc(ts=1_795_352_400_000_000), FIXED_CLOCK) == "bad_ts"
+
+
+def test_implausible_times_come_after_every_other_reason() -> None:
+    """past_ts and future_ts are judged last: an event broken otherwise keeps its reason."""
+    assert reason(without(doc("csat_submitted", ts=5), "score"), FIXED_CLOCK) == "missing_field"
+    assert reason(doc("csat_submitted", ts=4_102_444_800_000, score=9),
+                  FIXED_CLOCK) == "bad_field"
+
+
 @st.composite
 def timestamps(draw: st.DrawFn) -> tuple[str | int, int]:
     """A ts in either form and its expected ts_us, computed with datetime."""
     if draw(st.booleans()):
-        ms = draw(st.integers(-(10**13), 10**13))
+        ms = draw(st.one_of(st.integers(946_684_800_000, 1_800_000_000_000),
+                            st.integers(-(10**13), 10**13)))
         return ms, ms * 1000
-    moment = draw(st.datetimes(datetime(1900, 1, 1), datetime(2200, 1, 1)))
+    moment = draw(st.one_of(st.datetimes(datetime(2000, 1, 2), datetime(2026, 11, 1)),
+                            st.datetimes(datetime(1900, 1, 1), datetime(2200, 1, 1))))
     offset = timedelta(minutes=draw(st.integers(-(23 * 60 + 59), 23 * 60 + 59)))
     aware = moment.replace(tzinfo=timezone(offset))
     sign = "-" if offset < timedelta(0) else "+"
@@ -907,7 +958,15 @@ def valid_events(draw: st.DrawFn) -> tuple[dict[str, Any], int]:
 @settings(max_examples=250, deadline=None)
 @given(valid_events())
 def test_generated_valid_events_parse(generated: tuple[dict[str, Any], int]) -> None:
+    """Every well-formed event parses; its ts decides whether it is dated plausibly."""
     d, expected_ts_us = generated
-    event = parse_event(orjson.dumps(d))
+    try:
+        event = parse_event(orjson.dumps(d), FIXED_CLOCK)
+    except InvalidEvent as invalid:
+        latest = (FIXED_NOW_S + FIXED_CLOCK.max_skew_s) * 1_000_000
+        assert (invalid.reason, expected_ts_us < EARLIEST_TS_US) in (("past_ts", True),
+                                                                      ("future_ts", False))
+        assert expected_ts_us < EARLIEST_TS_US or expected_ts_us > latest
+        return
     assert (event.event_id, event.case_id, event.type) == (d["event_id"], d["case_id"], d["type"])
     assert event.ts_us == expected_ts_us

@@ -118,3 +118,18 @@ async def test_the_embedded_broker_refuses_an_idempotent_producer_with_a_clear_e
         pytest.skip("a limit of the embedded broker only")
     with pytest.raises(BrokerUnavailable, match="refuses idempotent producers"):
         await Publisher(kafka.bootstrap, embedded=False).start()
+
+
+def test_implausible_times_are_refused_before_sending_with_the_likely_mistake() -> None:
+    now_ms = int(time.time() * 1000)
+    with pytest.raises(InvalidEventError, match=r"future_ts .*clock ahead") as ahead:
+        build_event("case_opened", "c-1", ts=now_ms + 3_600_000)
+    assert ahead.value.reason == "future_ts"
+    with pytest.raises(InvalidEventError, match=r"past_ts .*epoch seconds") as seconds:
+        build_event("case_opened", "c-1", ts=now_ms // 1000)
+    assert seconds.value.reason == "past_ts"
+    assert build_event("case_opened", "c-1", ts=now_ms + 590_000)["ts"] == now_ms + 590_000
+    # the publisher follows ACSR_MAX_CLOCK_SKEW_S
+    relaxed = Publisher(max_clock_skew_s=7200)
+    assert relaxed.bounds.max_skew_s == 7200
+    build_event("case_opened", "c-1", ts=now_ms + 3_600_000, bounds=relaxed.bounds)

@@ -19,7 +19,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streams.events import EVENT_TYPES, InvalidEvent, parse_event
-from streams.simulate import SCENARIOS, Message, Simulation, horizon
+from streams.simulate import SCENARIOS, Message, Simulation, horizon, pace, past_start_ms
 
 from .conftest import BrokerInfo
 from .test_ledger import _feed, _ledger, _report
@@ -271,3 +271,31 @@ def test_simulate_publishes_at_its_pace_what_it_would_write(kafka: BrokerInfo,
         for value in values:
             cases[orjson.loads(value)["case_id"]].append(position[value])
         assert all(order == sorted(order) for order in cases.values())
+
+
+def test_without_a_start_the_simulated_clock_starts_far_enough_back() -> None:
+    now_ms = 1_795_352_400_000
+    assert past_start_ms(300, 60, now_ms) == now_ms - 300 * 60 * 1000
+    assert past_start_ms(None, 60, now_ms) == now_ms - 86_400_000  # open-ended: a day back
+    simulation = Simulation(SCENARIOS["steady"], seed=1, rate=20, speed=60)
+    assert simulation.start_ms <= time.time() * 1000 - 86_000_000
+
+
+async def test_a_simulated_clock_that_caught_up_runs_at_real_time() -> None:
+    """Ten simulated seconds back at 100x: those go out in a tenth of a second, then no
+    message is sent before its ts on the real clock (none is ever future_ts)."""
+    start_ms = int(time.time() * 1000) - 10_000
+    simulation = Simulation(SCENARIOS["steady"], seed=4, rate=4000, speed=100,
+                            start_ms=start_ms, invalid_share=0.0, duplicate_share=0.0)
+    ahead_ms: list[float] = []
+    stamps: list[int] = []
+
+    async def send(message: Message) -> None:
+        ts = orjson.loads(message.value)["ts"]
+        stamps.append(ts)
+        ahead_ms.append(ts - time.time() * 1000)
+
+    await pace(simulation, send, duration_s=2.0)
+    assert max(ahead_ms) <= 5  # scheduling slack only
+    assert max(stamps) > start_ms + 10_000  # it went on past the catch-up, at real time
+    assert max(stamps) < start_ms + 10_000 + 2_500
