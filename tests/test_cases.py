@@ -865,3 +865,72 @@ def test_invariants(docs: list[dict[str, Any]]) -> None:
         assert _without_duplicate_count(doubled) == _without_duplicate_count(report)
 
     assert run(docs, roundtrip=True).report == report
+
+
+# --- the duplicate memory: the last 1,000 event ids counted (KPIS.md) ------------------------
+
+
+def _replies(event_ids: list[str]) -> list[bool]:
+    """Apply a response_sent per id to one case; whether each was taken as a duplicate."""
+    state, out = None, []
+    for offset, event_id in enumerate(event_ids):
+        event = parse_event(orjson.dumps(ev("response_sent", offset, eid=event_id,
+                                             latency_ms=5)))
+        step = apply_event(state, event, partition=0, offset=offset, watermark_us=None,
+                           windows=WindowPolicy())
+        state = CaseState.from_bytes(step.state.to_bytes())
+        out.append(step.duplicate)
+    return out
+
+
+def test_an_id_repeated_after_1000_newer_ones_counts_as_a_new_event() -> None:
+    newer = [f"n{i}" for i in range(1000)]
+    assert _replies(["old", *newer, "old"])[-1] is False
+    assert _replies(["old", *newer[:999], "old"])[-1] is True
+    # a duplicate is not counted, so it does not push an id out of the memory
+    assert _replies(["old", *newer[:999], "n5", "old"])[-2:] == [True, True]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 1300), min_size=1, max_size=2500))
+def test_duplicates_are_the_ids_among_the_last_1000_counted(ids: list[int]) -> None:
+    model: list[str] = []  # the contract's rule, in full
+    expected = []
+    for event_id in map(str, ids):
+        duplicate = event_id in model[-1000:]
+        expected.append(duplicate)
+        if not duplicate:
+            model.append(event_id)
+    assert _replies([str(i) for i in ids]) == expected
+
+
+def test_a_case_stored_by_the_previous_version_keeps_its_last_1000_ids() -> None:
+    """0.1.0 stored every id in full under `ids`; the first touch converts it."""
+    current = CaseState.from_bytes(apply_event(
+        None, parse_event(orjson.dumps(ev("case_opened", 0, eid="x"))), partition=0,
+        offset=0, watermark_us=None, windows=WindowPolicy()).state.to_bytes())
+    old = orjson.loads(current.to_bytes())
+    del old["seen"]
+    old["ids"] = [f"id-{i}" for i in range(1500)]
+    state = CaseState.from_bytes(orjson.dumps(old))
+    assert len(state.seen) == 1000 and len(state.to_bytes()) < 25_000
+
+    def duplicate(event_id: str) -> bool:
+        event = parse_event(orjson.dumps(ev("response_sent", 1, eid=event_id, latency_ms=5)))
+        return apply_event(copy.deepcopy(state), event, partition=0, offset=9,
+                           watermark_us=None, windows=WindowPolicy()).duplicate
+
+    assert duplicate("id-1499") and duplicate("id-500")
+    assert not duplicate("id-499") and not duplicate("id-1500")
+
+
+def test_the_duplicate_memory_is_bounded_whatever_the_ids() -> None:
+    longest = ["\U0001f600" * 124 + f"{i:04d}" for i in range(3000)]  # 128 code points
+    state = None
+    for offset, event_id in enumerate(longest):
+        event = parse_event(orjson.dumps(ev("response_sent", offset, eid=event_id,
+                                             latency_ms=5)))
+        state = apply_event(state, event, partition=0, offset=offset, watermark_us=None,
+                            windows=WindowPolicy()).state
+    assert len(state.seen) == 1000
+    assert len(orjson.dumps(state.seen)) < 20_000  # 1,000 x 19 bytes, not 1,000 x 512
