@@ -362,8 +362,8 @@ def build_app(settings: Settings) -> faust.App:
 
     if settings.repartitions:
         rekeyer = Rekeyer(cases_topic, app.topic(settings.source_times_topic, **raw),
-                          settings.source_times_topic, settings.bootstrap_servers,
-                          client_options, case_routing, event_time_bounds)
+                          settings.bootstrap_servers, client_options, case_routing,
+                          event_time_bounds)
 
         @app.agent(events_topic)
         async def rekey_events(stream: faust.StreamT) -> None:

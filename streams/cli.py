@@ -121,9 +121,7 @@ def run_worker(settings: Settings) -> int:
         loop.run_until_complete(ensure_topics(settings.bootstrap_servers, {
             settings.events_topic: settings.partitions,
             settings.dlq_topic: settings.partitions,
-            settings.cases_topic: settings.partitions,
-            **({settings.source_times_topic: settings.partitions}
-               if settings.repartitions else {}),
+            **settings.rekeying_topics,
         }, settings.replication_factor, settings.broker_wait_s, kafka_client_kwargs(settings)))
     finally:
         loop.close()

@@ -144,6 +144,14 @@ class Settings:
         return self.repartition_topic + ".event-time"
 
     @property
+    def rekeying_topics(self) -> dict[str, int]:
+        """The topics `repartition` needs, with their partition counts (none otherwise)."""
+        if not self.repartitions:
+            return {}
+        return {self.repartition_topic: self.partitions,
+                self.source_times_topic: self.partitions}
+
+    @property
     def cases_topic(self) -> str:
         """The topic whose partitions hold the cases: the events topic, or the re-keyed one."""
         return self.repartition_topic if self.repartitions else self.events_topic

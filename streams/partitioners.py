@@ -19,13 +19,13 @@ from __future__ import annotations
 import random
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import orjson
 from aiokafka.partitioner import murmur2 as _java_murmur2
 
-from .events import READER_CLOCK, EventTimeBounds, InvalidEvent, parse_event
+from .events import READER_CLOCK, Event, EventTimeBounds, InvalidEvent, parse_event
 
 MURMUR2 = "murmur2"
 CRC32 = "crc32"
@@ -118,20 +118,28 @@ class CaseRouting:
 
     partitioner: str
     partitions: int
+    hash_of: KeyHash = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hash_of", key_hash(self.partitioner))
 
     def home(self, case_id: str) -> int:
-        return key_hash(self.partitioner)(case_id.encode()) % self.partitions
+        return self.hash_of(case_id.encode()) % self.partitions
 
-    def rekey(self, value: bytes | None, key: bytes | None, source_partition: int
-              ) -> tuple[bytes | None, int]:
+    def rekey(self, value: bytes | None, key: bytes | None, source_partition: int,
+              event: Event | None = None) -> tuple[bytes | None, int]:
         """Key and partition of an event on the re-keyed topic: by its `case_id` (our hash),
         else by the producer's key; a message with neither stays with its source partition's
-        share (it is invalid, and only needs to be counted once)."""
-        try:
-            doc = orjson.loads(value) if value else None
-        except orjson.JSONDecodeError:
-            doc = None
-        case_id = doc.get("case_id") if isinstance(doc, dict) else None
+        share (it is invalid, and only needs to be counted once). `event`: the message
+        already parsed, when it is valid."""
+        if event is not None:
+            case_id: Any = event.case_id
+        else:
+            try:
+                doc = orjson.loads(value) if value else None
+            except orjson.JSONDecodeError:
+                doc = None
+            case_id = doc.get("case_id") if isinstance(doc, dict) else None
         if isinstance(case_id, str) and case_id:
             key = case_id.encode()
         if key is None:
@@ -167,12 +175,22 @@ def source_header(origin: Origin) -> tuple[str, bytes]:
     return SOURCE_HEADER, f"{origin.partition}:{origin.offset}:{time_us}".encode()
 
 
-def event_time_after(time_us: int | None, value: bytes | None,
-                     bounds: EventTimeBounds = READER_CLOCK) -> int | None:
+def valid_event(value: bytes | None, bounds: EventTimeBounds = READER_CLOCK) -> Event | None:
+    try:
+        return parse_event(value, bounds)
+    except InvalidEvent:
+        return None
+
+
+def time_after(time_us: int | None, event: Event | None) -> int | None:
     """A partition's event time after a message: moved by the `ts` of a valid event.
     (A repeated `event_id` moves it too: a producer's retry repeats its `ts`.)"""
-    try:
-        ts_us = parse_event(value, bounds).ts_us
-    except InvalidEvent:
+    if event is None:
         return time_us
-    return ts_us if time_us is None else max(time_us, ts_us)
+    return event.ts_us if time_us is None else max(time_us, event.ts_us)
+
+
+def event_time_after(time_us: int | None, value: bytes | None,
+                     bounds: EventTimeBounds = READER_CLOCK) -> int | None:
+    """`time_after` of a message value."""
+    return time_after(time_us, valid_event(value, bounds))

@@ -16,7 +16,6 @@ the one after those messages, which only the skipped copies carry.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -25,22 +24,25 @@ from aiokafka import TopicPartition
 
 from .annotation_log import high_watermarks, read_range, reader
 from .events import EventTimeBounds
-from .partitioners import SOURCE_HEADER, CaseRouting, Origin, event_time_after, source_header
-
-log = logging.getLogger("acsr_metrics")
+from .partitioners import (
+    SOURCE_HEADER,
+    CaseRouting,
+    Origin,
+    source_header,
+    time_after,
+    valid_event,
+)
 
 
 class Rekeyer:
     """The forwarder's I/O: Faust topics to send to, the event-time topic to read back."""
 
-    def __init__(self, cases_topic: Any, times_topic: Any, times_topic_name: str,
-                 bootstrap: str, client: Mapping[str, Any],
-                 routing: Callable[[], Awaitable[CaseRouting]],
+    def __init__(self, cases_topic: Any, times_topic: Any, bootstrap: str,
+                 client: Mapping[str, Any], routing: Callable[[], Awaitable[CaseRouting]],
                  bounds: EventTimeBounds) -> None:
         self.bounds = bounds
         self.cases_topic = cases_topic
         self.times_topic = times_topic
-        self.times_topic_name = times_topic_name
         self.bootstrap = bootstrap
         self.client = client
         self.routing = routing
@@ -54,13 +56,14 @@ class Rekeyer:
         acks = []
         for offset in sorted(messages):
             message = messages[offset]
-            key, target = routing.rekey(message.value, message.key, partition)
+            event = valid_event(message.value, self.bounds)  # parsed once: key and time
+            key, target = routing.rekey(message.value, message.key, partition, event)
             headers = [*(h for h in message.headers or () if h[0] != SOURCE_HEADER),
                        source_header(Origin(partition, offset, time_us))]
             acks.append(await self.cases_topic.send(key=key, value=message.value,
                                                     partition=target, headers=headers,
                                                     force=True))
-            time_us = event_time_after(time_us, message.value, self.bounds)
+            time_us = time_after(time_us, event)
         for ack in acks:
             await ack
         last = max(messages)
@@ -77,7 +80,7 @@ class Rekeyer:
         return self.times[partition]
 
     async def _read_back(self, partition: int) -> int | None:
-        tp = TopicPartition(self.times_topic_name, partition)
+        tp = TopicPartition(self.times_topic.get_topic_name(), partition)
         async with reader(self.bootstrap, client=self.client) as consumer:
             end = (await high_watermarks(consumer, [tp]))[tp]
             if end == 0:

@@ -325,8 +325,7 @@ async def create_topics(settings: Settings) -> None:
     await ensure_topics(settings.bootstrap_servers, {
         settings.events_topic: settings.partitions,
         settings.links_topic: settings.partitions,
-        settings.cases_topic: settings.partitions,
-        settings.source_times_topic: settings.partitions,
+        **settings.rekeying_topics,
         settings.dlq_topic: settings.partitions,
         settings.annotation_topic: settings.partitions,  # item partition = event partition
         settings.windows_topic: settings.partitions,  # same rule for closed windows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 from pathlib import Path
 from typing import Any
@@ -10,13 +11,17 @@ from typing import Any
 import aiohttp
 
 from streams.config import Settings
+from streams.kpis import build_report
 from streams.replay import (
+    Cluster,
     WorkerProcess,
     committed,
+    gather_aggregates,
     group_offsets,
     isolated,
     proc_status_kb,
     produce,
+    wait_processed,
 )
 
 from .conftest import BrokerInfo
@@ -70,3 +75,18 @@ async def worker_metrics(worker: WorkerProcess, timeout_s: float = 5.0) -> str:
                 session.get(f"{worker.url}/metrics") as response):
         assert response.status == 200, f"/metrics answered {response.status}"
         return await response.text()
+
+
+async def kill_one_mid_run(cluster: Cluster, ends: dict[int, int], total_lines: int,
+                           stall_timeout_s: float) -> dict[str, Any]:
+    """SIGKILL the first worker once 40% of the events are committed, start another in
+    its place, wait for every event: the report the group's tables give."""
+    settings = cluster.settings
+    await wait_committed(settings, 0.4, total_lines)
+    cluster.workers[0].signal(signal.SIGKILL)
+    assert cluster.workers[0].process is not None
+    cluster.workers[0].process.wait()
+    cluster.add_worker(len(cluster.workers))
+    await wait_processed(cluster, settings.bootstrap_servers, ends, lambda done: None,
+                         stall_timeout_s)
+    return build_report(await gather_aggregates(cluster, settings.partitions))

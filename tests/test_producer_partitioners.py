@@ -23,20 +23,17 @@ from confluent_kafka import Producer
 
 from streams.config import Settings
 from streams.events import InvalidEvent, message_key, parse_event
-from streams.kpis import build_report
 from streams.partitioners import CRC32, MURMUR2, REPARTITION, partition_for
 from streams.replay import (
     Cluster,
     create_topics,
     end_offsets,
-    gather_aggregates,
     isolated,
     read_lines,
     run_replay,
-    wait_processed,
 )
 
-from .cluster_helpers import wait_committed
+from .cluster_helpers import kill_one_mid_run
 from .conftest import BrokerInfo, report_mismatches
 
 pytestmark = pytest.mark.integration
@@ -161,12 +158,7 @@ async def test_a_worker_killed_while_re_keying_loses_and_doubles_nothing(
     cluster.start()
     try:
         ends = await librdkafka_default(settings, lines, lambda n: None)
-        await wait_committed(settings, 0.4, len(lines))
-        cluster.workers[0].signal(signal.SIGKILL)
-        cluster.workers[0].process.wait()
-        cluster.add_worker(2)
-        await wait_processed(cluster, settings.bootstrap_servers, ends, lambda done: None, 120)
-        report = build_report(await gather_aggregates(cluster, settings.partitions))
+        report = await kill_one_mid_run(cluster, ends, len(lines), 120)
         forwarded = sum((await end_offsets(settings.bootstrap_servers, {},
                                            settings.cases_topic, PARTITIONS)).values())
     finally:

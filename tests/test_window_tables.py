@@ -31,7 +31,7 @@ from streams.replay import (
 )
 from streams.windows import WindowRules, closed_message, encode, message_key
 
-from .cluster_helpers import wait_committed
+from .cluster_helpers import kill_one_mid_run
 from .conftest import BrokerInfo, report_mismatches
 from .metrics_helpers import total
 from .test_windows import HOUR_MS, MIN_MS, Driver, ev, late_lines
@@ -193,12 +193,7 @@ async def test_a_worker_killed_mid_replay_recovers_its_windows_and_emits_each_on
     try:
         ends = await produce(settings.bootstrap_servers, settings.events_topic, lines,
                              settings.tansu)
-        await wait_committed(settings, 0.4, len(lines))
-        cluster.workers[0].signal(signal.SIGKILL)
-        cluster.workers[0].process.wait()
-        cluster.add_worker(1)
-        await wait_processed(cluster, settings.bootstrap_servers, ends, lambda done: None, 90)
-        report = build_report(await gather_aggregates(cluster, settings.partitions))
+        report = await kill_one_mid_run(cluster, ends, len(lines), 90)
     finally:
         cluster.stop()
     assert cluster.workers[0].process.returncode == -signal.SIGKILL
