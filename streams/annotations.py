@@ -121,6 +121,36 @@ def encode(item: Mapping[str, Any]) -> bytes:
     return orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
 
 
+# A valid event may take up to 1 MiB; its item copies it (and an override's texts twice),
+# so an item can outgrow what the broker takes. Such an item is cut, never dropped.
+TEXT_CUT = 4096  # code points kept of a long text in a cut item
+KEPT_TRIGGER_FIELDS = ("event_id", "type", "case_id", "ts")
+
+
+def encode_within(item: Mapping[str, Any], limit: int) -> bytes:
+    """The item encoded in at most `limit` bytes: if it is larger, the texts of `trigger`
+    and `correction` are cut to TEXT_CUT code points (ending in `…`), then, if that is not
+    enough, `trigger` keeps only its identifying fields; `truncated` says so."""
+    raw = encode(item)
+    if len(raw) <= limit:
+        return raw
+    cut = {**item, "truncated": True,
+           "trigger": _cut_texts(item["trigger"]), "correction": _cut_texts(item["correction"])}
+    raw = encode(cut)
+    if len(raw) > limit:
+        cut["trigger"] = {name: cut["trigger"][name] for name in KEPT_TRIGGER_FIELDS
+                          if name in cut["trigger"]}
+        raw = encode(cut)
+    return raw
+
+
+def _cut_texts(fields: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if fields is None:
+        return None
+    return {name: value[:TEXT_CUT] + "…" if isinstance(value, str) and len(value) > TEXT_CUT
+            else value for name, value in fields.items()}
+
+
 class ItemError(ValueError):
     """A message on the annotation topic that is not an item this version understands."""
 

@@ -28,7 +28,7 @@ from .annotation_log import (
     partition_count,
     reader,
 )
-from .annotations import HORIZON_HEADER, ResendGuard, Source, build_item, encode
+from .annotations import HORIZON_HEADER, ResendGuard, Source, build_item, encode_within
 from .cases import SECOND_US, WindowPolicy
 from .config import Settings
 from .events import Event, EventTimeBounds, InvalidEvent, parse_event
@@ -43,7 +43,7 @@ from .faust_fixes import (
     stop_when_offsets_vanish,
 )
 from .faust_handover import hand_over_eagerly
-from .ledger import BatchPlan, Ledger, Origins
+from .ledger import RECORD_LIMIT, BatchPlan, Ledger, Origins, RecordTooLarge
 from .partitioners import CaseRouting, parse_source
 from .rekey import Rekeyer
 from .security import faust_credentials, kafka_client_kwargs
@@ -54,6 +54,7 @@ log = logging.getLogger("acsr_metrics")
 REASON_HEADER = "acsr-invalid-reason"
 DETAIL_HEADER = "acsr-invalid-detail"
 PROCESSING_ERROR = "processing_error"
+STATE_TOO_LARGE = "state_too_large"  # a case record over the limit even after its spill
 # Prometheus text format 0.0.4 (aiohttp adds the charset itself).
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
 
@@ -174,7 +175,6 @@ def build_app(settings: Settings) -> faust.App:
         WindowPolicy(sizes_s=settings.window_sizes_s, grace_s=settings.window_grace_s),
         retention_us=settings.case_retention_s * SECOND_US,
         sample_rate=settings.sample_resolved_rate,
-        fact_windows=False,  # the window tables hold the windows
     )
     guards: dict[int, ResendGuard] = {}  # per events partition, since it was assigned
     # Held from planning a batch to writing its cases, so no link write lands in between.
@@ -267,7 +267,8 @@ def build_app(settings: Settings) -> faust.App:
                     continue
                 item = build_item(case_id, route.reason, route.trigger, applied.view, source)
                 acks.append(await annotation_topic.send(
-                    key=case_id.encode(), value=encode(item), partition=plan.partition,
+                    key=case_id.encode(), value=encode_within(item, RECORD_LIMIT),
+                    partition=plan.partition,
                     headers=headers, force=True))
         return acks
 
@@ -332,13 +333,14 @@ def build_app(settings: Settings) -> faust.App:
                 raise
             except Exception as err:
                 message = event.message
-                log.exception("processing failed (partition=%s, offset=%s)",
-                              message.partition, message.offset)
-                failure = InvalidEvent(PROCESSING_ERROR, f"{type(err).__name__}: {err}")
+                reason = STATE_TOO_LARGE if isinstance(err, RecordTooLarge) else PROCESSING_ERROR
+                log.exception("processing failed (partition=%s, offset=%s, case %r): %s",
+                              message.partition, message.offset, message.key, reason)
+                failure = InvalidEvent(reason, f"{type(err).__name__}: {err}")
                 with writes_on(event):
                     dead_lettered = await dead_letter(message, failure)
                     ledger.apply_invalid(partition_records, message.partition, message.offset,
-                                         PROCESSING_ERROR, counter=kpis.PROCESSING_ERROR,
+                                         reason, counter=kpis.PROCESSING_ERROR,
                                          dead_lettered=dead_lettered)
 
     async def in_batches(stream: faust.StreamT,

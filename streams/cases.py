@@ -7,6 +7,7 @@ counts. Persisting that state is then the whole, atomic effect of the event.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,12 +17,17 @@ import orjson
 from . import kpis
 from .annotations import RANDOM_SAMPLE, CaseView, sampled
 from .events import DIMENSIONS, Event, format_ts, normalise_reason
-from .kpis import UNKNOWN, Fact
+from .kpis import UNKNOWN, Aggregate, Fact
 from .state_bytes import dump_state
 
 DAY_US = 86_400_000_000
 SECOND_US = 1_000_000
 DUPLICATE_MEMORY = 1000  # event ids a case remembers, the last counted (KPIS.md)
+# What else a case remembers is capped too (docs/architecture.md, Bounded state):
+FAILED_ACTION_MEMORY = 1000  # action names whose last execution failed (as digests)
+FAILED_ACTION_NAMES = 20  # of which annotation items name the first ones
+TIME_MEMORY = 1000  # reopen and link times kept until the case concludes
+ACTION_LABEL_MAX = 64  # a longer action name is counted under the label `other`
 
 
 def id_digest(event_id: str) -> str:
@@ -30,6 +36,61 @@ def id_digest(event_id: str) -> str:
     about 1000 / 2**64 per event (5e-17): a false duplicate in 10**12 events is 1 in
     20,000 (docs/architecture.md)."""
     return hashlib.blake2b(event_id.encode(), digest_size=8).hexdigest()
+
+
+def spill_key(case_id: str, index: int) -> str:
+    """The case-table key of a case's figures record number `index` (see `Ledger`,
+    spills). Longer than any case id (at most 128 characters), so never one."""
+    return f"{case_id}\x00{'.' * (128 - len(case_id))}figures/{index}"
+
+
+def is_spill_key(key: str) -> bool:
+    return len(key) > 128
+
+
+def action_label(action: str) -> str:
+    """The label an action is counted under: its name, or `other` for an absurdly long one
+    (the contract does not bound its length; a label must stay short)."""
+    return action if len(action) <= ACTION_LABEL_MAX else "other"
+
+
+def remember_time(times: list[int], ts_us: int) -> None:
+    """Add `ts_us` to the sorted times a case keeps to ask later "is one of them within a
+    day after the conclusion?". A time whose neighbours are at most a day apart never
+    changes that answer (any day-long span holding it holds one of them), so it is
+    dropped: the list holds at most two times per day of spread. Past TIME_MEMORY times
+    (over 500 days of spread) the oldest is forgotten."""
+    index = bisect.bisect_left(times, ts_us)
+    if index < len(times) and times[index] == ts_us:
+        return
+    times.insert(index, ts_us)
+    # Only the new time and its two neighbours may have become redundant; right to left,
+    # so a deletion does not move the positions still to check.
+    for i in (index + 1, index, index - 1):
+        if 0 < i < len(times) - 1 and times[i + 1] - times[i - 1] <= DAY_US:
+            del times[i]
+    if len(times) > TIME_MEMORY:
+        del times[0]
+
+
+def encode_figures(agg: Aggregate) -> dict[str, Any]:
+    """A case's figures, compactly: each distinct dimensions tuple written once."""
+    dims: dict[kpis.Dims, int] = {}
+    series = [[n, list(lb), dims.setdefault(d, len(dims)), c, s]
+              for (n, lb, d), (c, s) in agg.series.items()]
+    histograms = [[n, list(lb), dims.setdefault(d, len(dims)), b]
+                  for (n, lb, d), b in agg.histograms.items()]
+    return {"dims": [list(d) for d in dims], "series": series, "histograms": histograms}
+
+
+def decode_figures(doc: dict[str, Any]) -> Aggregate:
+    agg = Aggregate(window_sizes=())
+    dims = [tuple(d) for d in doc["dims"]]
+    for n, lb, d, c, s in doc["series"]:
+        agg.series[(n, tuple(lb), dims[d])] = [c, s]
+    for n, lb, d, b in doc["histograms"]:
+        agg.histograms[(n, tuple(lb), dims[d])] = b
+    return agg
 
 
 @dataclass(frozen=True)
@@ -65,38 +126,79 @@ class CaseState:
     concluded_us: int | None = None
     policy_failed: bool = False
     overridden: bool = False
-    actions: dict[str, bool] = field(default_factory=dict)
+    # Digests of the action names whose last execution failed, oldest first, and the
+    # first of those names (shortened) for annotation items. `actions_forgotten`: more
+    # failed than FAILED_ACTION_MEMORY at once, so the case can no longer be autonomous.
+    failed_actions: list[str] = field(default_factory=list)
+    failed_names: list[str] = field(default_factory=list)
+    actions_forgotten: bool = False
     cost: float = 0.0
-    reopens: list[int] = field(default_factory=list)
+    reopens: list[int] = field(default_factory=list)  # see `remember_time`
     links: list[int] = field(default_factory=list)
     reopen_counted: bool = False
     fcr_counted: bool = False
     routed: list[str] = field(default_factory=list)
-    facts: list[Fact] = field(default_factory=list)
+    # What the case adds to each figure (counts, sums, histogram buckets), by labels and
+    # dimensions; moved to a figures record of its own when it grows (`Ledger`, spills).
+    figures: Aggregate = field(default_factory=lambda: Aggregate(window_sizes=()))
     pipeline: dict[str, int] = field(default_factory=dict)
     # Re-keyed events (ACSR_PARTITIONER=repartition): per source partition, the last source
     # offset applied, so a copy forwarded twice (a forwarder crash) counts once.
     sources: dict[str, int] = field(default_factory=dict)
+    after_fold: int = 0  # the partition's fold count when written (ledger.PartitionRecord)
+    spills: int = 0  # figures records moved out of this record: keys spill_key(case, 0..n-1)
 
     def to_bytes(self) -> bytes:
         doc = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        doc["facts"] = [fact.to_json() for fact in self.facts]
+        doc["figures"] = encode_figures(self.figures)
         return dump_state(doc)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> CaseState:
         doc = orjson.loads(raw)
-        doc["facts"] = [Fact.from_json(item) for item in doc["facts"]]
-        ids = doc.pop("ids", None)  # written by 0.1.0: every id, in full
-        if ids is not None:
-            doc["seen"] = [id_digest(i) for i in ids[-DUPLICATE_MEMORY:]]
+        figures = doc.get("figures")
+        if figures is not None:
+            doc["figures"] = decode_figures(figures)
+        else:  # written by 0.1
+            doc["figures"] = _legacy_figures(doc)
+            _convert_legacy_times(doc)
+        _convert_legacy_memory(doc)
         return cls(**doc)
 
     def annotation_view(self) -> CaseView:
         """The case as an annotation item shows it."""
         return CaseView(dims=self.dims_now(), outcome=self.outcome,
                         policy_failed=self.policy_failed, overridden=self.overridden,
-                        failed_actions=tuple(a for a, ok in self.actions.items() if not ok))
+                        failed_actions=tuple(self.failed_names))
+
+    def actions_all_succeeded(self) -> bool:
+        return not self.failed_actions and not self.actions_forgotten
+
+    def record_action(self, action: str, success: bool) -> None:
+        digest, name = id_digest(action), _display_name(action)
+        if success:
+            if digest in self.failed_actions:
+                self.failed_actions.remove(digest)
+                if name in self.failed_names:
+                    self.failed_names.remove(name)
+            return
+        if digest in self.failed_actions:
+            return
+        self.failed_actions.append(digest)
+        if len(self.failed_names) < FAILED_ACTION_NAMES:
+            self.failed_names.append(name)
+        if len(self.failed_actions) > FAILED_ACTION_MEMORY:
+            del self.failed_actions[0]
+            self.actions_forgotten = True
+
+    def figure_entries(self) -> int:
+        """How many figure cells the case holds (what its stored size grows with)."""
+        return len(self.figures.series) + len(self.figures.histograms)
+
+    def take_figures(self) -> Aggregate:
+        """The case's figures so far, leaving it none (they move to a record of their own)."""
+        taken, self.figures = self.figures, Aggregate(window_sizes=())
+        return taken
 
     def dims_now(self) -> kpis.Dims:
         intent, channel, version = self.dims
@@ -106,6 +208,39 @@ class CaseState:
         key = f"{name}/{label}"
         self.pipeline[key] = self.pipeline.get(key, 0) + 1
         return key
+
+
+def _display_name(action: str) -> str:
+    return action if len(action) <= ACTION_LABEL_MAX else action[:ACTION_LABEL_MAX - 1] + "…"
+
+
+def _legacy_figures(doc: dict[str, Any]) -> Aggregate:
+    """Figures of a case stored by 0.1: every increment in a list `facts`."""
+    figures = Aggregate(window_sizes=())
+    figures.add_facts(Fact.from_json(item) for item in doc.pop("facts", ()))
+    return figures
+
+
+def _convert_legacy_memory(doc: dict[str, Any]) -> None:
+    """Cases stored by 0.1 kept every id and every action's last result."""
+    ids = doc.pop("ids", None)  # every id, in full
+    if ids is not None:
+        doc["seen"] = [id_digest(i) for i in ids[-DUPLICATE_MEMORY:]]
+    actions = doc.pop("actions", None)  # action name -> last result
+    if actions is not None:
+        failed = [action for action, ok in actions.items() if not ok]
+        doc["failed_actions"] = [id_digest(a) for a in failed][-FAILED_ACTION_MEMORY:]
+        doc["failed_names"] = [_display_name(a) for a in failed[:FAILED_ACTION_NAMES]]
+        doc["actions_forgotten"] = len(failed) > FAILED_ACTION_MEMORY
+
+
+def _convert_legacy_times(doc: dict[str, Any]) -> None:
+    """Cases stored by 0.1 kept every reopen and link time."""
+    for name in ("reopens", "links"):
+        times: list[int] = []
+        for ts_us in doc.get(name, ()):
+            remember_time(times, ts_us)
+        doc[name] = times
 
 
 @dataclass
@@ -143,7 +278,7 @@ class Step:
         self.routes.append(Route(reason, trigger))
 
     def finish(self) -> Step:
-        self.state.facts.extend(self.facts)
+        self.state.figures.add_facts(self.facts)
         return self
 
 
@@ -211,8 +346,7 @@ def apply_link(state: CaseState | None, *, partition: int, link_ts_us: int) -> S
         state.last_us = link_ts_us
     step = Step(state)
     if state.outcome is None:
-        if link_ts_us not in state.links:
-            state.links.append(link_ts_us)
+        remember_time(state.links, link_ts_us)
     elif state.outcome == "autonomous":
         _count_link(step, link_ts_us)
     return step.finish()
@@ -259,7 +393,8 @@ def _conclude(step: Step, event: Event, outcome: str, late: tuple[int, ...]) -> 
         seconds = max(0, event.ts_us - opened) / SECOND_US
         step.fact(kpis.AHT, value=seconds, ts_us=event.ts_us, late=late)
         for ts_us in state.reopens:
-            # Only the time of a reopen that came before the conclusion is kept.
+            # Only the time of a reopen that came before the conclusion is kept: the
+            # earliest one within a day after it is the one an item shows.
             trigger = {"type": "case_reopened", "case_id": event.case_id, "ts": format_ts(ts_us)}
             _count_reopen(step, ts_us, trigger)
         for ts_us in state.links:
@@ -289,7 +424,7 @@ def _on_resolved(step: Step, event: Event, late: tuple[int, ...], intent_known: 
         intent_known
         and not state.policy_failed
         and not state.overridden
-        and all(state.actions.values())
+        and state.actions_all_succeeded()
     ):
         outcome = "autonomous"
     else:
@@ -309,9 +444,9 @@ def _on_policy(step: Step, event: Event, late: tuple[int, ...], _: bool) -> None
 
 
 def _on_action(step: Step, event: Event, *_: Any) -> None:
-    success = bool(event.get("success"))
-    step.state.actions[event.get("action")] = success
-    step.fact(kpis.ACTION, event.get("action"), "success" if success else "failure")
+    action, success = event.get("action"), bool(event.get("success"))
+    step.state.record_action(action, success)
+    step.fact(kpis.ACTION, action_label(action), "success" if success else "failure")
 
 
 def _on_response(step: Step, event: Event, *_: Any) -> None:
@@ -323,7 +458,7 @@ def _on_response(step: Step, event: Event, *_: Any) -> None:
 def _on_reopened(step: Step, event: Event, *_: Any) -> None:
     state = step.state
     if state.outcome is None:
-        state.reopens.append(event.ts_us)
+        remember_time(state.reopens, event.ts_us)
     elif state.outcome == "autonomous":
         _count_reopen(step, event.ts_us, event.fields)
 

@@ -15,6 +15,7 @@ from typing import Any
 from .events import DEFAULT_MAX_CLOCK_SKEW_S, EventTimeBounds
 from .partitioners import PARTITIONERS, REPARTITION
 
+MAX_BATCH = 20_000  # events a batch takes at most (its duplicate offsets are stored)
 DAY_S = 86_400
 # Tansu holds a group join for half the session timeout: keep starts short.
 EMBEDDED_SESSION_TIMEOUT_S = 6.0
@@ -51,7 +52,7 @@ class Settings:
     commit_interval_s: float = 1.0
     # Events are processed in batches of up to batch_max per take, waiting at most
     # batch_wait_s for a batch to fill (docs/performance.md).
-    batch_max: int = 4000
+    batch_max: int = 4000  # at most MAX_BATCH
     batch_wait_s: float = 0.2
     log_level: str = "warn"
     label_limit: int = 50  # distinct values per bounded label before the rest become "other"
@@ -100,6 +101,9 @@ class Settings:
         _positive(self, "partitions", "label_limit", "replication_factor", "case_retention_s",
                   "session_timeout_s", "commit_interval_s", "report_window_s", "batch_max",
                   "batch_wait_s")
+        if self.batch_max > MAX_BATCH:
+            raise ConfigError(f"batch_max (ACSR_BATCH_MAX) {self.batch_max} must be at most "
+                              f"{MAX_BATCH:,} (a batch's bookkeeping is stored in one record)")
         if not 0 < self.web_port < 65536:
             raise ConfigError(f"web_port {self.web_port} must be 1-65535")
         if self.window_grace_s < 0:

@@ -112,6 +112,9 @@ _PIPELINE_UNLABELLED: tuple[tuple[str, str, str], ...] = (
     ("acsr_events_misrouted",
      "Valid events found on a partition that the configured partitioner (ACSR_PARTITIONER) "
      "does not give their case_id: the producers partition otherwise.", kpis.MISROUTED),
+    ("acsr_case_spills", "Times a case's figures outgrew its record and moved to its "
+     "partition's archive (a case with thousands of events: an agent in a loop?).",
+     kpis.SPILLED),
 )
 
 _ZERO_LABELS = {

@@ -29,7 +29,12 @@ import faust
 from aiokafka import TopicPartition
 from faust import streams
 
-from .annotation_log import high_watermarks, reader
+from .annotation_log import OutputTopicError, high_watermarks, reader
+
+
+class ChangelogWriteFailed(OutputTopicError):
+    """A table write the broker did not take: the worker stops (a restart would meet the
+    same write again, so going on or retrying in a loop helps nobody)."""
 
 
 @contextmanager
@@ -58,7 +63,15 @@ class AcknowledgedTable(faust.Table):
     async def acknowledged(self, partition: int) -> None:
         """Wait for every write to `partition` made since the last call."""
         for sent in self._unacknowledged.pop(partition, ()):
-            await sent
+            try:
+                await sent
+            except Exception as err:
+                raise ChangelogWriteFailed(
+                    f"a write to table {self.name!r} (changelog partition {partition}) "
+                    f"failed: {type(err).__name__}: {err}. The worker stops. If the broker "
+                    "refused the record's size, its max.message.bytes is below the 1,000,000 "
+                    "bytes acsr-metrics keeps every record under (docs/architecture.md, "
+                    "Bounded state)") from err
 
     def settle(self) -> None:
         """Stop tracking writes already acknowledged (for writes nobody waits for)."""

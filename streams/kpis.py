@@ -49,6 +49,7 @@ NORMALISED = "normalised"  # label: field name
 PROCESSING_ERROR = "processing_error"  # label: the error's reason (messages dead-lettered)
 DEAD_LETTER_FAILED = "dead_letter_failed"  # label: reason of a message the DLQ refused
 MISROUTED = "misrouted"  # valid events on a partition the configured partitioner does not give
+SPILLED = "spilled"  # a large case's figures moved to its partition's archive (bounded state)
 
 OUTCOMES = ("autonomous", "unverified", "human", "escalated")
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import orjson
 
-from . import kpis
+from . import archive, kpis
 from .annotations import CaseView
+from .archive import RecordTooLarge, checked, key_partition
 from .cases import (
     SECOND_US,
     CaseState,
@@ -27,7 +28,12 @@ from .cases import (
     WindowPolicy,
     apply_event,
     apply_link,
+    decode_figures,
+    encode_figures,
+    id_digest,
+    is_spill_key,
     related_case,
+    spill_key,
 )
 from .events import Event, InvalidEvent
 from .kpis import Aggregate
@@ -35,6 +41,17 @@ from .partitioners import Origin
 from .state_bytes import dump_state
 
 SWEEP_EVERY_US = 3600 * SECOND_US
+# Kafka refuses a record over message.max.bytes (1,048,588 by default, key and headers
+# included): no table value of ours passes this (docs/architecture.md, Bounded state).
+RECORD_LIMIT = 1_000_000
+# A case holding more figure cells than this, or encoded larger than SPILL_BYTES, moves
+# its figures to a record of their own (a spill, `cases.spill_key`): its record stays
+# small, and every figure is kept.
+SPILL_ENTRIES = 256
+SPILL_BYTES = 128 * 1024
+FOLD_CHUNK = 2000  # expired cases folded per write (the rest at the next batch)
+
+__all__ = ["RECORD_LIMIT", "Ledger", "RecordTooLarge"]
 
 
 @dataclass
@@ -58,8 +75,15 @@ class PartitionRecord:
 
     offset: int = -1  # last applied offset of an invalid message
     watermark_us: int | None = None
-    archive: dict[str, Any] = field(default_factory=dict)  # Aggregate of expired cases
-    folded: list[str] = field(default_factory=list)  # archived cases whose delete may be pending
+    # Counters of invalid messages and archived cases (an Aggregate's JSON). Written by
+    # 0.1, it also holds the archive's figures: the next write moves them to
+    # the shards.
+    archive: dict[str, Any] = field(default_factory=dict)
+    shards: list[int] = field(default_factory=list)  # the slot of each archive shard in use
+    # How many folds of expired cases were written, and the digests of the cases the last
+    # one archived, whose deletes may not have landed (see `Ledger._fold`).
+    fold_id: int = 0
+    folded_digests: list[str] = field(default_factory=list)
     batch: dict[str, Any] | None = None  # the PendingBatch written before its case writes
     # Re-keyed invalid messages: per source partition, the last source offset counted.
     sources: dict[str, int] = field(default_factory=dict)
@@ -67,9 +91,27 @@ class PartitionRecord:
     def to_bytes(self) -> bytes:
         return dump_state(self.__dict__)
 
+    def counters(self) -> Aggregate:
+        """The record's counters (and, written by 0.1, archived figures)."""
+        counters = Aggregate.from_json(self.archive) if self.archive else Aggregate(
+            window_sizes=())
+        counters.windows = {}  # 0.1 also summed windows here; the window tables hold them
+        return counters
+
+    def leftover(self, case_id: str, state: CaseState) -> bool:
+        """Whether `state` is a case the last fold archived, found still in the table (its
+        delete did not land): written before that fold, and named by it."""
+        return state.after_fold < self.fold_id and id_digest(case_id) in self.folded_digests
+
     @classmethod
     def from_bytes(cls, raw: bytes | None) -> PartitionRecord:
-        return cls(**orjson.loads(raw)) if raw else cls()
+        if not raw:
+            return cls()
+        doc = orjson.loads(raw)
+        folded = doc.pop("folded", None)  # 0.1: the archived cases by id
+        if folded:
+            doc["fold_id"], doc["folded_digests"] = 1, [id_digest(c) for c in folded]
+        return cls(**doc)
 
 
 CaseTable = MutableMapping[str, bytes]
@@ -111,6 +153,11 @@ class BatchPlan:
     recovered_batch_done: bool = False  # a recovered PendingBatch is behind this batch
     misrouted: list[str] = field(default_factory=list)  # cases of events on a wrong partition
     invalid_sources: dict[str, int] | None = None  # PartitionRecord.sources after the batch
+    # Records to write, in this order: spilled figures (key -> record), then each touched
+    # case's state, then the deletes of figure records a restarted case left behind.
+    spilled: dict[str, bytes] = field(default_factory=dict)
+    encoded: dict[str, bytes] = field(default_factory=dict)
+    orphans: list[str] = field(default_factory=list)
 
     def marker(self) -> PendingBatch:
         return PendingBatch(self.first, self.last, self.before_us, self.after_us,
@@ -121,19 +168,22 @@ class Ledger:
     """Applies events to the tables and keeps each owned partition's aggregate."""
 
     def __init__(self, windows: WindowPolicy, retention_us: int, sample_rate: float = 0.0,
-                 fact_windows: bool = True) -> None:
-        self.windows = windows
-        # Aggregates sum windows from case facts unless window tables hold them (the worker:
-        # streams/window_tables.py), which also drop them after their retention.
-        self.aggregate_window_sizes = windows.sizes_s if fact_windows else ()
+                 record_limit: int = RECORD_LIMIT) -> None:
+        self.windows = windows  # lateness; the window tables count windows (window_tables.py)
         self.retention_us = retention_us
         self.sample_rate = sample_rate
+        self.record_limit = record_limit
+        self.spill_bytes = min(SPILL_BYTES, record_limit // 2)
+        self.spill_entries = SPILL_ENTRIES
         self.aggregates: dict[int, Aggregate] = {}
         self.watermarks: dict[int, int] = {}
         self.case_keys: dict[int, set[str]] = {}
         self.last_sweep: dict[int, int] = {}
         self.positions: dict[int, int] = {}  # next offset to process, per events partition
         self.pending: dict[int, PendingBatch] = {}  # recovered batch markers
+        self.sweeps: dict[int, tuple[int, str]] = {}  # a sweep going on: threshold, cursor
+        self.stale: dict[int, set[str]] = {}  # archived cases found still in the table
+        self.folds: dict[int, PartitionRecord] = {}  # fold_id and folded_digests in effect
 
     def aggregate(self, partition: int) -> Aggregate:
         agg = self.aggregates.get(partition)
@@ -143,10 +193,12 @@ class Ledger:
 
     # --- applying ---------------------------------------------------------------------
 
-    def apply_event(self, cases: CaseTable, event: Event, partition: int, offset: int
-                    ) -> Step | None:
+    def apply_event(self, cases: CaseTable, records: PartitionTable, event: Event,
+                    partition: int, offset: int) -> Step | None:
         """Apply a valid event on its own; None when it is a redelivery of an applied one."""
-        plan = self.plan_batch(cases, {}, partition, [(offset, event)])
+        plan = self.plan_batch(cases, records, partition, [(offset, event)])
+        if plan.applied:
+            self.mark_batch(records, plan)
         self.commit_batch(cases, plan)
         return plan.applied[0].step if plan.applied else None
 
@@ -164,7 +216,15 @@ class Ledger:
 
         `home` gives the partition a case belongs on: an event elsewhere is counted as
         misrouted (and still applied). `origins` names the source position of re-keyed
-        messages: one whose source offset was already counted is a second copy, skipped."""
+        messages: one whose source offset was already counted is a second copy, skipped.
+
+        A case whose figures grow past SPILL_ENTRIES cells (or its record past SPILL_BYTES)
+        moves them to a figures record of its own, numbered by the case (`spills`) and
+        written before the case's record in the same changelog partition: a case record
+        that landed finds all its figures records, and one lost is applied again from
+        the last state that landed, overwriting figures records it had not counted. Every
+        record is encoded and checked against the record limit here, before anything is
+        sent."""
         plan = BatchPlan(partition, batch[0][0], batch[-1][0])
         record = PartitionRecord.from_bytes(records.get(partition))
         counted_invalid = record.offset
@@ -184,8 +244,7 @@ class Ledger:
                 continue
             state = states.get(parsed.case_id)
             if state is None:
-                raw = cases.get(parsed.case_id)
-                state = CaseState.from_bytes(raw) if raw is not None else None
+                state = self._load(cases, partition, parsed.case_id, plan.orphans)
             if state is not None and state.offset >= offset:
                 if pending is not None and pending.advances(offset):
                     watermark = _later(watermark, _later(parsed.ts_us, origin and origin.time_us))
@@ -205,6 +264,8 @@ class Ledger:
                 step.count(kpis.MISROUTED)
                 plan.misrouted.append(parsed.case_id)
             states[parsed.case_id] = step.state
+            if step.state.figure_entries() > self.spill_entries:
+                self._spill(plan, parsed.case_id, step.state)
             # The case goes on changing in the batch: its items show it as of this event.
             view = step.state.annotation_view() if step.routes else None
             plan.applied.append(Applied(offset, parsed, step, judged, view))
@@ -216,7 +277,29 @@ class Ledger:
         plan.recovered_batch_done = pending is not None and plan.last >= pending.end
         if origins and invalid_sources != record.sources:
             plan.invalid_sources = invalid_sources
+        self._encode_states(plan)
         return plan
+
+    def _encode_states(self, plan: BatchPlan) -> None:
+        """Each touched case's record, spilled if large, refused if still over the limit."""
+        fold_id = self._fold_id(plan.partition)
+        for case_id, state in plan.states.items():
+            state.after_fold = fold_id
+            raw = state.to_bytes()
+            if len(raw) > self.spill_bytes and state.figure_entries():
+                self._spill(plan, case_id, state)
+                raw = state.to_bytes()
+            plan.encoded[case_id] = checked(raw, f"the state of case {case_id!r}",
+                                            self.record_limit)
+
+    def _spill(self, plan: BatchPlan, case_id: str, state: CaseState) -> None:
+        """Move the case's figures to its next figures record (see `plan_batch`)."""
+        key = spill_key(case_id, state.spills)
+        plan.spilled[key] = checked(dump_state(encode_figures(state.take_figures())),
+                                    f"figures record {state.spills} of case {case_id!r}",
+                                    self.record_limit)
+        state.spills += 1
+        state.count(kpis.SPILLED)
 
     def mark_batch(self, records: PartitionTable, plan: BatchPlan,
                    refused: Iterable[int] = ()) -> None:
@@ -226,28 +309,49 @@ class Ledger:
         partition = plan.partition
         record = PartitionRecord.from_bytes(records.get(partition))
         refused = set(refused)
-        archive = Aggregate.from_json(record.archive) if record.archive else self._empty()
+        counters = record.counters()
         for offset, invalid in plan.invalid:
-            counters = ((kpis.INVALID,) if offset not in refused
-                        else (kpis.INVALID, kpis.DEAD_LETTER_FAILED))
-            for name in counters:
-                archive.count(name, invalid.reason)
+            names = ((kpis.INVALID,) if offset not in refused
+                     else (kpis.INVALID, kpis.DEAD_LETTER_FAILED))
+            for name in names:
+                counters.count(name, invalid.reason)
                 self.aggregate(partition).count(name, invalid.reason)
             record.offset = offset
-        record.archive = archive.to_json()
+        self._archive(records, partition, record, counters, self._empty())
         record.batch = plan.marker().__dict__ if plan.applied else record.batch
         if plan.invalid_sources is not None:
             record.sources = plan.invalid_sources
-        records[partition] = record.to_bytes()
+        self._write_record(records, partition, record)
         self.positions[partition] = plan.last + 1
+
+    def _archive(self, records: PartitionTable, partition: int, record: PartitionRecord,
+                 counters: Aggregate, figures: Aggregate) -> None:
+        """Add `figures` to the archive's shards and keep `counters` in the record (which
+        the caller writes next: the write that makes both count)."""
+        if counters.series or counters.histograms:  # archived figures written by 0.1
+            figures.merge(counters)
+            counters.series, counters.histograms = {}, {}
+        record.shards = archive.add(records, partition, record.shards, figures,
+                                    self.record_limit)
+        record.archive = counters.to_json()
+
+    def _write_record(self, records: PartitionTable, partition: int,
+                      record: PartitionRecord) -> None:
+        records[partition] = checked(record.to_bytes(), f"the record of partition {partition}",
+                                     self.record_limit)
 
     def commit_batch(self, cases: CaseTable, plan: BatchPlan) -> None:
         """Write each touched case once (after the batch's side effects landed)."""
         partition = plan.partition
-        for case_id, state in plan.states.items():
-            cases[case_id] = state.to_bytes()
+        for key, raw in plan.spilled.items():
+            cases[key] = raw
+        for case_id, raw in plan.encoded.items():
+            cases[case_id] = raw
+        for key in plan.orphans:
+            cases.pop(key, None)
         for applied in plan.applied:
             self._account(partition, applied.event.case_id, applied.step)
+        self.aggregate(partition).count(kpis.SPILLED, n=len(plan.spilled))
         if plan.after_us is not None:
             self.watermarks[partition] = _later(self.watermarks.get(partition), plan.after_us)
         if plan.recovered_batch_done:
@@ -256,10 +360,14 @@ class Ledger:
 
     def apply_link(self, cases: CaseTable, case_id: str, partition: int, link_ts_us: int) -> Step:
         """A re-engagement of `case_id`; applying one twice changes nothing more."""
-        raw = cases.get(case_id)
-        step = apply_link(CaseState.from_bytes(raw) if raw is not None else None,
-                          partition=partition, link_ts_us=link_ts_us)
-        cases[case_id] = step.state.to_bytes()
+        orphans: list[str] = []
+        step = apply_link(self._load(cases, partition, case_id, orphans), partition=partition,
+                          link_ts_us=link_ts_us)
+        step.state.after_fold = self._fold_id(partition)
+        for key in orphans:
+            cases.pop(key, None)
+        cases[case_id] = checked(step.state.to_bytes(), f"the state of case {case_id!r}",
+                                 self.record_limit)
         self._account(partition, case_id, step)
         return step
 
@@ -274,15 +382,47 @@ class Ledger:
         record = PartitionRecord.from_bytes(records.get(partition))
         if record.offset >= offset:
             return False
-        counters = (counter,) if dead_lettered else (counter, kpis.DEAD_LETTER_FAILED)
-        archive = Aggregate.from_json(record.archive) if record.archive else self._empty()
-        for name in counters:
-            archive.count(name, reason)
+        names = (counter,) if dead_lettered else (counter, kpis.DEAD_LETTER_FAILED)
+        counters = record.counters()
+        for name in names:
+            counters.count(name, reason)
             self.aggregate(partition).count(name, reason)
-        record.archive = archive.to_json()
+        self._archive(records, partition, record, counters, self._empty())
         record.offset = offset
-        records[partition] = record.to_bytes()
+        self._write_record(records, partition, record)
         return True
+
+    def _load(self, cases: CaseTable, partition: int, case_id: str, orphans: list[str]
+              ) -> CaseState | None:
+        """The case's state; None for a new case, or a leftover of a fold (archived: the
+        case starts again, as it would have had its delete landed, and its figures
+        records go in `orphans`, to delete)."""
+        raw = cases.get(case_id)
+        if raw is None:
+            return None
+        state = CaseState.from_bytes(raw)
+        fold = self.folds.get(partition)
+        if fold is not None and fold.leftover(case_id, state):
+            self.stale.get(partition, set()).discard(case_id)  # rewritten, not deleted
+            orphans += [spill_key(case_id, index) for index in range(state.spills)]
+            return None
+        return state
+
+    def case_figures(self, cases: Mapping[str, bytes], case_id: str, state: CaseState
+                     ) -> Aggregate:
+        """Everything the case counted: its own figures and its figures records'."""
+        figures = self._empty()
+        figures.merge(state.figures)
+        for index in range(state.spills):
+            raw = cases.get(spill_key(case_id, index))
+            if raw is None:
+                raise LookupError(f"figures record {index} of case {case_id!r} is missing")
+            figures.merge(decode_figures(orjson.loads(raw)))
+        return figures
+
+    def _fold_id(self, partition: int) -> int:
+        fold = self.folds.get(partition)
+        return fold.fold_id if fold is not None else 0
 
     def _account(self, partition: int, case_id: str, step: Step) -> None:
         agg = self.aggregate(partition)
@@ -290,53 +430,82 @@ class Ledger:
         agg.add_pipeline(step.pipeline)
         self.case_keys.setdefault(partition, set()).add(case_id)
 
-    def _empty(self) -> Aggregate:
-        return Aggregate(window_sizes=self.aggregate_window_sizes)
+    @staticmethod
+    def _empty() -> Aggregate:
+        return Aggregate(window_sizes=())
 
     # --- expiry -----------------------------------------------------------------------
 
     def maybe_expire(self, cases: CaseTable, records: PartitionTable, partition: int) -> int:
-        """Fold cases idle for the retention into the partition record, hourly in event time."""
+        """Fold cases idle for the retention into the archive, hourly in event time; a
+        sweep folds FOLD_CHUNK cases a batch until it is done."""
         watermark = self.watermarks.get(partition)
         if watermark is None:
             return 0
-        last = self.last_sweep.setdefault(partition, watermark)
-        if watermark - last < SWEEP_EVERY_US:
-            return 0
-        self.last_sweep[partition] = watermark
-        return self.expire(cases, records, partition, watermark - self.retention_us)
+        before_us, after = self.sweeps.pop(partition, (None, ""))
+        if before_us is None:
+            last = self.last_sweep.setdefault(partition, watermark)
+            if watermark - last < SWEEP_EVERY_US:
+                return 0
+            self.last_sweep[partition] = watermark
+            before_us = watermark - self.retention_us
+        folded, cursor = self._fold(cases, records, partition, before_us, after)
+        if cursor is not None:
+            self.sweeps[partition] = (before_us, cursor)
+        return folded
 
     def expire(self, cases: CaseTable, records: PartitionTable, partition: int,
                before_us: int) -> int:
+        """Fold every case idle since before `before_us` (in chunks of FOLD_CHUNK)."""
+        total, cursor = self._fold(cases, records, partition, before_us)
+        while cursor is not None:
+            folded, cursor = self._fold(cases, records, partition, before_us, cursor)
+            total += folded
+        return total
+
+    def _fold(self, cases: CaseTable, records: PartitionTable, partition: int,
+              before_us: int, after: str = "") -> tuple[int, str | None]:
+        """Archive up to FOLD_CHUNK cases idle since before `before_us`, in case id order
+        from `after` on, then delete them: how many, and where to go on (None: done).
+
+        The record names the archived cases (by digest) that may still be in the table,
+        and counts its folds; every case written carries the count it was written under.
+        A case named by the last fold and written before it is a leftover whose delete did
+        not land (a crash): a rebuild does not count it, the next fold deletes it, and an
+        event for it starts the case again. A case written after the fold is counted."""
         record = PartitionRecord.from_bytes(records.get(partition))
-        folded = set(record.folded)
-        archive = Aggregate.from_json(record.archive) if record.archive else self._empty()
         keys = self.case_keys.get(partition, set())
-        expired = []
-        for case_id in keys:
-            if case_id in folded:
-                continue
+        leftovers = {case_id for case_id in self.stale.pop(partition, set()) if case_id in cases}
+        figures, counters = self._empty(), record.counters()
+        expired: list[str] = []
+        cursor = None
+        for case_id in sorted(key for key in keys - leftovers if key > after):
             raw = cases.get(case_id)
             if raw is None:
                 continue
             state = CaseState.from_bytes(raw)
             if state.last_us is not None and state.last_us < before_us:
-                archive.add_facts(state.facts)
-                archive.add_pipeline(state.pipeline)
+                figures.merge(self.case_figures(cases, case_id, state))
+                counters.add_pipeline(state.pipeline)
                 expired.append(case_id)
-        still_present = [case_id for case_id in record.folded if case_id in cases]
-        if not expired and not still_present:
-            return 0
-        # The record names every archived case that may still be in the table, so a crash
-        # between this write and the deletes below can never count a case twice.
-        record.archive = archive.to_json()
-        record.folded = still_present + expired
+                if len(expired) == FOLD_CHUNK:
+                    cursor = case_id
+                    break
+        if not expired and not leftovers:
+            return 0, cursor
+        self._archive(records, partition, record, counters, figures)
+        record.fold_id += 1
+        record.folded_digests = [id_digest(case_id) for case_id in (*leftovers, *expired)]
         record.watermark_us = self.watermarks.get(partition)
-        records[partition] = record.to_bytes()
-        for case_id in record.folded:
+        self._write_record(records, partition, record)
+        self.folds[partition] = record
+        for case_id in (*leftovers, *expired):
+            spills = CaseState.from_bytes(cases[case_id]).spills
             del cases[case_id]
+            for index in range(spills):
+                cases.pop(spill_key(case_id, index), None)
             keys.discard(case_id)
-        return len(expired)
+        return len(expired), cursor
 
     # --- recovery ---------------------------------------------------------------------
 
@@ -358,41 +527,48 @@ class Ledger:
         for partition in partitions:
             self.aggregates[partition] = self._empty()
             self.case_keys[partition] = set()
-            self.watermarks.pop(partition, None)
-            self.last_sweep.pop(partition, None)
-            self.pending.pop(partition, None)
-        folded: set[str] = set()
-        for partition, raw in records:
-            if partition not in partitions:
-                continue
-            record = PartitionRecord.from_bytes(raw)
-            folded.update(record.folded)
-            if record.archive:
-                self.aggregates[partition].merge(Aggregate.from_json(record.archive))
+            for table in (self.watermarks, self.last_sweep, self.pending, self.sweeps,
+                          self.stale, self.folds):
+                table.pop(partition, None)
+        owned = {key: raw for key, raw in records if key_partition(key) in partitions}
+        partition_records = {}
+        for partition in partitions & owned.keys():
+            record = partition_records[partition] = PartitionRecord.from_bytes(owned[partition])
+            self.folds[partition] = record
+            agg = self.aggregates[partition]
+            agg.merge(record.counters())
+            for shard in archive.load(owned, partition, record.shards):
+                agg.merge(shard)
             self._raise_watermark(partition, record.watermark_us)
             if record.batch is not None:
                 pending = self.pending[partition] = PendingBatch(**record.batch)
                 self._raise_watermark(partition, pending.before_us)
-        for case_id, raw in cases:
-            if case_id in folded:
-                continue
+        table = dict(cases)
+        for case_id, raw in table.items():
+            if is_spill_key(case_id):
+                continue  # read with its case
             state = CaseState.from_bytes(raw)
-            if state.partition not in partitions:
+            partition = state.partition
+            if partition not in partitions:
                 continue
-            agg = self.aggregates[state.partition]
-            agg.add_facts(state.facts)
+            record = partition_records.get(partition)
+            if record is not None and record.leftover(case_id, state):
+                self.stale.setdefault(partition, set()).add(case_id)
+                continue
+            agg = self.aggregates[partition]
+            agg.merge(self.case_figures(table, case_id, state))
             agg.add_pipeline(state.pipeline)
-            self.case_keys[state.partition].add(case_id)
-            pending = self.pending.get(state.partition)
+            self.case_keys[partition].add(case_id)
+            pending = self.pending.get(partition)
             if pending is None or state.offset < pending.start:
                 # A case written by the pending batch may be one of only some that
                 # landed: its time is the batch's `after_us`, applied once known whole.
-                self._raise_watermark(state.partition, state.watermark_us)
+                self._raise_watermark(partition, state.watermark_us)
 
     def drop(self, partitions: set[int]) -> None:
         """Forget partitions this worker no longer owns (their new owner rebuilds them)."""
         for table in (self.aggregates, self.watermarks, self.case_keys, self.last_sweep,
-                      self.positions, self.pending):
+                      self.positions, self.pending, self.sweeps, self.stale, self.folds):
             for partition in partitions:
                 table.pop(partition, None)
 

@@ -16,6 +16,7 @@ from streams.replay import (
     Cluster,
     WorkerProcess,
     committed,
+    create_topics,
     gather_aggregates,
     group_offsets,
     isolated,
@@ -90,3 +91,20 @@ async def kill_one_mid_run(cluster: Cluster, ends: dict[int, int], total_lines: 
     await wait_processed(cluster, settings.bootstrap_servers, ends, lambda done: None,
                          stall_timeout_s)
     return build_report(await gather_aggregates(cluster, settings.partitions))
+
+
+async def replay_with_a_kill(settings: Settings, lines: list[bytes], workers: int,
+                             log_dir: Path, stall_timeout_s: float
+                             ) -> tuple[Cluster, dict[str, Any]]:
+    """Produce `lines` to a group of `workers` and kill one mid-run (`kill_one_mid_run`):
+    the cluster, stopped, and the report its tables give."""
+    await create_topics(settings)
+    cluster = Cluster(settings, workers, log_dir)
+    cluster.start()
+    try:
+        ends = await produce(settings.bootstrap_servers, settings.events_topic, lines,
+                             settings.tansu)
+        report = await kill_one_mid_run(cluster, ends, len(lines), stall_timeout_s)
+    finally:
+        cluster.stop()
+    return cluster, report

@@ -23,6 +23,7 @@ from streams.annotations import (
     build_item,
     decode,
     encode,
+    encode_within,
     item_id,
     priority,
     sample_point,
@@ -32,7 +33,7 @@ from streams.cases import WindowPolicy
 from streams.events import parse_event
 from streams.exporter import LabelBounds, WorkerView, build_registry
 from streams.kpis import Aggregate, Fact
-from streams.ledger import Ledger
+from streams.ledger import RECORD_LIMIT, Ledger
 
 TS = 1_795_352_400_000
 ROUTING_REASONS = {"thumbs_down", "low_csat", "low_ces", "escalated", "unverified_resolution",
@@ -127,6 +128,33 @@ def test_an_override_item_carries_the_corrective_triad() -> None:
     assert item["schema_version"] == SCHEMA_VERSION
 
 
+def test_an_item_too_large_for_the_broker_is_cut_never_dropped() -> None:
+    """A valid override of nearly 1 MiB would make an item of nearly 2 MB (its texts are
+    copied twice): over the limit, the item keeps every field but long texts are cut."""
+    rationale = "r" * 700_000
+    trigger = orjson.loads(ev("human_override", 1, original_action="refund",
+                              final_action="deny", rationale=rationale, note="n" * 200_000))
+    item = _item("human_override", trigger)
+    assert len(encode(item)) > RECORD_LIMIT
+    assert encode_within(item, 10**7) == encode(item)  # small enough: unchanged
+    cut = decode(encode_within(item, RECORD_LIMIT))
+    assert len(encode(cut)) <= RECORD_LIMIT and cut["truncated"] is True
+    assert cut["correction"]["rationale"] == rationale[:4096] + "…"
+    assert cut["trigger"]["note"] == "n" * 4096 + "…"
+    assert cut["correction"]["final_action"] == "deny"
+    assert {name: cut[name] for name in item if name not in ("trigger", "correction")} == {
+        name: item[name] for name in item if name not in ("trigger", "correction")}
+
+    # Thousands of short unknown fields: only the trigger's identifying fields stay.
+    crowded = orjson.loads(ev("thumbs_submitted", 2, vote="down",
+                              **{f"f{i}": "x" * 90 for i in range(11_000)}))
+    item = _item("thumbs_down", crowded)
+    cut = decode(encode_within(item, RECORD_LIMIT))
+    assert len(encode(cut)) <= RECORD_LIMIT < len(encode(item))
+    assert cut["trigger"] == {name: crowded[name]
+                              for name in ("event_id", "type", "case_id", "ts")}
+
+
 def test_other_items_have_no_correction_and_say_why_the_case_is_there() -> None:
     trigger = orjson.loads(ev("case_resolved", 2, by="agent"))
     item = _item("unverified_resolution", trigger, outcome="unverified", policy_failed=True,
@@ -156,7 +184,7 @@ def _ledger_routes(lines: list[bytes], rate: float) -> list[tuple[str, str]]:
     routes = []
     for offset, line in enumerate(lines):
         event = parse_event(line)
-        step = ledger.apply_event(cases, event, 0, offset)
+        step = ledger.apply_event(cases, {}, event, 0, offset)
         if step is not None:
             routes.extend((event.case_id, r.reason) for r in step.routes)
     return routes
@@ -182,7 +210,7 @@ def test_planning_writes_nothing_until_committed() -> None:
     ledger = Ledger(WindowPolicy(sizes_s=(3600,)), retention_us=1, sample_rate=1.0)
     cases: dict[str, bytes] = {}
     first, resolved = (parse_event(line) for line in _resolved("c1"))
-    ledger.apply_event(cases, first, 0, 0)
+    ledger.apply_event(cases, {}, first, 0, 0)
     before = dict(cases)
     plan = ledger.plan_batch(cases, {}, 0, [(1, resolved)])
     [applied] = plan.applied

@@ -77,7 +77,7 @@ def _same(a: Aggregate, b: Aggregate) -> bool:
         return x.keys() == y.keys() and all(
             x[k][0] == y[k][0] and math.isclose(x[k][1], y[k][1], rel_tol=1e-9) for k in x)
     return (a.pipeline == b.pipeline and a.histograms == b.histograms
-            and close(a.series, b.series) and close(a.windows, b.windows))
+            and close(a.series, b.series))
 
 
 def _late(agg: Aggregate) -> int:

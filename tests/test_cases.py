@@ -755,7 +755,7 @@ def test_case_state_round_trips() -> None:
         assert again == state
         assert again.to_bytes() == state.to_bytes()
     state_b = run(_rich_docs()).states["b"]
-    assert state_b.reopens and state_b.overridden and state_b.routed and state_b.facts
+    assert state_b.reopens and state_b.overridden and state_b.routed and state_b.figures.series
 
 
 def test_round_tripping_state_between_events_changes_nothing() -> None:

@@ -3,17 +3,25 @@ read from fetch responses (streams/faust_batches.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from types import SimpleNamespace
 
+import faust
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import MessageSizeTooLargeError
 from faust.streams import current_event
 from faust.types import TP
 
-from streams.annotation_log import high_watermarks, reader
+from streams.annotation_log import OutputTopicError, high_watermarks, reader
 from streams.broker import ensure_topics
-from streams.faust_batches import ends_from_fetches, writes_on
+from streams.faust_batches import (
+    AcknowledgedTable,
+    ChangelogWriteFailed,
+    ends_from_fetches,
+    writes_on,
+)
 
 from .conftest import BrokerInfo
 
@@ -76,3 +84,19 @@ async def test_a_recovery_with_nothing_to_recover_raises_nothing(kafka: BrokerIn
         assert await high_watermarks(client, []) == {}
     async with reader(kafka.bootstrap):
         pass
+
+
+async def test_a_changelog_write_the_broker_refuses_stops_the_worker_naming_it() -> None:
+    """The broker refused a table write (e.g. its max.message.bytes is below ours): waiting
+    for it raises an OutputTopicError, which stops the worker (streams/app.py) instead of
+    processing the same batch again and again."""
+    app = faust.App(f"t-{uuid.uuid4().hex[:6]}", broker="kafka://localhost:1")
+    table = AcknowledgedTable(app, name="cases", partitions=4)
+    refused = asyncio.get_running_loop().create_future()
+    refused.set_exception(MessageSizeTooLargeError())
+    table._unacknowledged[3] = [refused]
+    with pytest.raises(ChangelogWriteFailed, match=r"table 'cases' \(changelog partition 3\)"
+                       r".*MessageSizeTooLargeError.*The worker stops") as raised:
+        await table.acknowledged(3)
+    assert isinstance(raised.value, OutputTopicError)
+    await table.acknowledged(3)  # nothing left to wait for

@@ -221,15 +221,20 @@ def expected_report(valid: list[tuple[bytes, int, int]], partition_of: dict[str,
     offsets the broker gave it (so per-partition event time, and lateness, match)."""
     ledger = Ledger(WindowPolicy(sizes_s=window_sizes), retention_us=7 * 86_400 * SECOND_US)
     cases: dict[str, bytes] = {}
+    records: dict[int, bytes] = {}
+    windows = Aggregate(window_sizes=window_sizes)
     for value, partition, offset in valid:
         event = parse_event(value)
         related = related_case(event)
         if related is not None:
             ledger.apply_link(cases, related, partition_of[related], event.ts_us)
-        ledger.apply_event(cases, event, partition, offset)
+        step = ledger.apply_event(cases, records, event, partition, offset)
+        if step is not None:
+            windows.add_facts(step.facts)  # the window tables' job in a worker
     total = Aggregate(window_sizes=window_sizes)
     for aggregate in ledger.aggregates.values():
         total.merge(aggregate)
+    total.windows = windows.windows
     return build_report(total, window_s)
 
 

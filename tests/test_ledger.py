@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 from streams.cases import SECOND_US, WindowPolicy, related_case
 from streams.events import InvalidEvent, parse_event
-from streams.kpis import build_report
+from streams.kpis import Aggregate, build_report
 from streams.ledger import Ledger
 from streams.partitioners import Origin
 
@@ -18,8 +19,12 @@ DAY_US = 86_400 * SECOND_US
 
 
 def _feed(ledger: Ledger, cases: dict, records: dict, lines: list[bytes], partitions: int = 3,
-          start: int = 0) -> None:
-    """Apply lines in order, as one worker would, spreading cases over partitions."""
+          start: int = 0, windows: Aggregate | None = None,
+          placement: Callable[[str], int] | None = None) -> None:
+    """Apply lines in order, as one worker would, spreading cases over partitions (CRC32,
+    or `placement`); the facts' windows summed into `windows` (the window tables' job in a
+    worker)."""
+    place = placement or (lambda case_id: _partition(case_id, partitions))
     for offset, line in enumerate(lines, start):
         try:
             event = parse_event(line)
@@ -28,21 +33,23 @@ def _feed(ledger: Ledger, cases: dict, records: dict, lines: list[bytes], partit
             continue
         related = related_case(event)
         if related is not None:
-            ledger.apply_link(cases, related, _partition(related, partitions), event.ts_us)
-        ledger.apply_event(cases, event, _partition(event.case_id, partitions), offset)
+            ledger.apply_link(cases, related, place(related), event.ts_us)
+        step = ledger.apply_event(cases, records, event, place(event.case_id), offset)
+        if step is not None and windows is not None:
+            windows.add_facts(step.facts)
 
 
 def _partition(case_id: str, partitions: int) -> int:
     return zlib.crc32(case_id.encode()) % partitions
 
 
-def _fed(sample: Path) -> tuple[Ledger, dict, dict]:
+def _fed(sample: Path, windows: Aggregate | None = None) -> tuple[Ledger, dict, dict]:
     """A ledger, its case table and partition table after the whole worked example."""
     lines = [line for line in sample.read_bytes().splitlines() if line.strip()]
     ledger = _ledger()
     cases: dict = {}
     records: dict = {}
-    _feed(ledger, cases, records, lines, partitions=1)
+    _feed(ledger, cases, records, lines, partitions=1, windows=windows)
     return ledger, cases, records
 
 
@@ -50,12 +57,12 @@ def _ledger() -> Ledger:
     return Ledger(WindowPolicy(sizes_s=(3600,)), retention_us=7 * DAY_US)
 
 
-def _report(ledger: Ledger) -> dict:
-    from streams.kpis import Aggregate
-
+def _report(ledger: Ledger, windows: Aggregate | None = None) -> dict:
     total = Aggregate()
     for agg in ledger.aggregates.values():
         total.merge(agg)
+    if windows is not None:
+        total.windows = windows.windows
     return build_report(total)
 
 
@@ -73,11 +80,13 @@ def test_redelivered_events_are_not_counted_twice(sample_events: Path) -> None:
 
 def test_rebuild_from_tables_equals_the_live_aggregates(sample_events: Path,
                                                         expected_report: Path) -> None:
-    live, cases, records = _fed(sample_events)
+    windows = Aggregate()
+    live, cases, records = _fed(sample_events, windows)
     recovered = _ledger()
     recovered.rebuild(cases.items(), records.items(), {0})
     assert report_mismatches(_report(live), _report(recovered)) == []
-    assert report_mismatches(json.loads(expected_report.read_text()), _report(recovered)) == []
+    assert report_mismatches(json.loads(expected_report.read_text()),
+                             _report(recovered, windows)) == []
 
 
 def test_expired_cases_leave_the_table_but_not_the_figures(sample_events: Path) -> None:
@@ -115,7 +124,7 @@ def test_sweeps_run_hourly_in_event_time_and_keep_recent_cases() -> None:
     old = {"event_id": "a", "type": "case_opened", "case_id": "old", "ts": day0}
     new = {"event_id": "b", "type": "case_opened", "case_id": "new", "ts": day0 + 8 * 86_400_000}
     for offset, doc in enumerate([old, new]):
-        ledger.apply_event(cases, parse_event(json.dumps(doc).encode()), 0, offset)
+        ledger.apply_event(cases, records, parse_event(json.dumps(doc).encode()), 0, offset)
         ledger.maybe_expire(cases, records, 0)
     assert set(cases) == {"new"}
     assert _report(ledger)["events"]["valid"] == 2

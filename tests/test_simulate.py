@@ -19,6 +19,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streams.events import EVENT_TYPES, InvalidEvent, parse_event
+from streams.kpis import Aggregate
 from streams.simulate import SCENARIOS, Message, Simulation, horizon, pace, past_start_ms
 
 from .conftest import BrokerInfo
@@ -36,9 +37,9 @@ def run(scenario: str, seed: int = 11) -> tuple[list[Message], dict[str, Any]]:
     simulation = Simulation(SCENARIOS[scenario], seed=seed, rate=60, speed=SPEED,
                             start_ms=START_MS, change_after_s=CHANGE_AFTER_S)
     messages = list(horizon(iter(simulation), WALL_S * SPEED))
-    ledger = _ledger()
-    _feed(ledger, {}, {}, [m.value for m in messages], partitions=2)
-    return messages, _report(ledger)
+    ledger, windows = _ledger(), Aggregate()
+    _feed(ledger, {}, {}, [m.value for m in messages], partitions=2, windows=windows)
+    return messages, _report(ledger, windows)
 
 
 def docs(messages: list[Message]) -> list[dict[str, Any]]:

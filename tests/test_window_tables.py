@@ -31,7 +31,7 @@ from streams.replay import (
 )
 from streams.windows import WindowRules, closed_message, encode, message_key
 
-from .cluster_helpers import kill_one_mid_run
+from .cluster_helpers import replay_with_a_kill
 from .conftest import BrokerInfo, report_mismatches
 from .metrics_helpers import total
 from .test_windows import HOUR_MS, MIN_MS, Driver, ev, late_lines
@@ -186,16 +186,8 @@ async def test_a_worker_killed_mid_replay_recovers_its_windows_and_emits_each_on
 ) -> None:
     """Emission is idempotent: one message per closed window and key, none missing."""
     settings = _settings(kafka, partitions=4, window_retention_s=3 * 86_400)
-    await create_topics(settings)
     lines = read_lines(sample_events)
-    cluster = Cluster(settings, 1, tmp_path)
-    cluster.start()
-    try:
-        ends = await produce(settings.bootstrap_servers, settings.events_topic, lines,
-                             settings.tansu)
-        report = await kill_one_mid_run(cluster, ends, len(lines), 90)
-    finally:
-        cluster.stop()
+    cluster, report = await replay_with_a_kill(settings, lines, 1, tmp_path, 90)
     assert cluster.workers[0].process.returncode == -signal.SIGKILL
     assert report_mismatches(json.loads(expected_report.read_text()), report) == []
     published = await _windows_topic(settings)
