@@ -6,7 +6,7 @@
 Every query sums away `partition` and `instance` (`sum by (...)`), reads counters only
 through `rate()`/`increase()` over `$__rate_interval`, and filters KPI series by the
 `$intent`, `$channel` and `$agent_version` variables. Metric names are the ones
-`streams/exporter.py` exposes (see docs/kpis.md).
+`streams/metrics/exporter.py` exposes (see docs/kpis.md).
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .events import DEFAULT_MAX_CLOCK_SKEW_S, EventTimeBounds
-from .partitioners import PARTITIONERS, REPARTITION
+from streams.core.events import DEFAULT_MAX_CLOCK_SKEW_S, EventTimeBounds
+from streams.kafka.partitioners import PARTITIONERS, REPARTITION
 
 MAX_BATCH = 20_000  # events a batch takes at most (its duplicate offsets are stored)
 DAY_S = 86_400
@@ -34,7 +34,7 @@ class Settings:
     links_topic: str = "acsr.case-links"
     annotation_topic: str = "acsr.annotation.queue"
     windows_topic: str = "acsr.kpi.windows"  # closed event-time windows, one message each
-    # How producers place a case_id on a partition (streams/partitioners.py); `repartition`
+    # How producers place a case_id on a partition (streams/kafka/partitioners.py); `repartition`
     # re-keys events through `repartition_topic` first.
     partitioner: str = "murmur2"
     repartition_topic: str = "acsr.events.by-case"
@@ -144,7 +144,7 @@ class Settings:
 
     @property
     def source_times_topic(self) -> str:
-        """`repartition`: each events partition's event time, as forwarded (streams/rekey.py)."""
+        """`repartition`: each events partition's event time, as forwarded (worker/rekey.py)."""
         return self.repartition_topic + ".event-time"
 
     @property

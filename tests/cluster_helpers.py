@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 
 from streams.config import Settings
-from streams.kpis import build_report
-from streams.replay import (
+from streams.core.kpis import build_report
+from streams.tools.replay import (
     Cluster,
     WorkerProcess,
     committed,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from streams.broker import BrokerUnavailable, EmbeddedBroker
 from streams.config import Settings
+from streams.kafka.broker import BrokerUnavailable, EmbeddedBroker
 
 DATA = Path(__file__).parent / "data"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.broker import free_port
+from streams.kafka.broker import free_port
 
 
 def prometheus_binary() -> str:

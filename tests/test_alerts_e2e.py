@@ -29,8 +29,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from streams.broker import free_port
-from streams.replay import Cluster, create_topics, isolated, produce, wait_processed
+from streams.kafka.broker import free_port
+from streams.tools.replay import Cluster, create_topics, isolated, produce, wait_processed
 
 from .conftest import BrokerInfo
 from .prometheus_helpers import get_json, prometheus_binary, wait_for_value

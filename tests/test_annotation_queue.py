@@ -18,8 +18,8 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
-from streams.annotation_log import high_watermarks, read_range, reader
-from streams.annotations import (
+from streams.config import Settings
+from streams.core.annotations import (
     HORIZON_HEADER,
     RANDOM_SAMPLE,
     CaseView,
@@ -30,10 +30,10 @@ from streams.annotations import (
     priority,
     sampled,
 )
-from streams.broker import ONE_RECORD_BATCH_BYTES
-from streams.config import Settings
-from streams.kpis import build_report
-from streams.replay import (
+from streams.core.kpis import build_report
+from streams.kafka.broker import ONE_RECORD_BATCH_BYTES
+from streams.kafka.reader import high_watermarks, read_range, reader
+from streams.tools.replay import (
     Cluster,
     WorkerProcess,
     committed,
@@ -234,7 +234,7 @@ def test_routed_counts_by_reason_and_priority_match_the_items(routed: Routed) ->
 
 
 def _export(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streams.cli", "export-queue", "--quiet",
+    return subprocess.run([sys.executable, "-m", "streams", "export-queue", "--quiet",
                            *args], capture_output=True, text=True, timeout=120)
 
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams import kpis
-from streams.annotations import (
+from streams.core import kpis
+from streams.core.annotations import (
     PRIORITIES,
     RANDOM_SAMPLE,
     SCHEMA_VERSION,
@@ -29,11 +29,11 @@ from streams.annotations import (
     sample_point,
     sampled,
 )
-from streams.cases import WindowPolicy
-from streams.events import parse_event
-from streams.exporter import LabelBounds, WorkerView, build_registry
-from streams.kpis import Aggregate, Fact
-from streams.ledger import RECORD_LIMIT, Ledger
+from streams.core.cases import WindowPolicy
+from streams.core.events import parse_event
+from streams.core.kpis import Aggregate, Fact
+from streams.core.ledger import RECORD_LIMIT, Ledger
+from streams.metrics.exporter import LabelBounds, WorkerView, build_registry
 
 TS = 1_795_352_400_000
 ROUTING_REASONS = {"thumbs_down", "low_csat", "low_ces", "escalated", "unverified_resolution",

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streams.cases import SECOND_US, WindowPolicy
-from streams.events import InvalidEvent, parse_event
-from streams.kpis import Aggregate
-from streams.ledger import Ledger, Parsed
+from streams.core.cases import SECOND_US, WindowPolicy
+from streams.core.events import InvalidEvent, parse_event
+from streams.core.kpis import Aggregate
+from streams.core.ledger import Ledger, Parsed
 
 from .conftest import DATA
 

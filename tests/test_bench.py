@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from streams import bench
-from streams.cli import build_parser, main
 from streams.config import ConfigError
-from streams.events import parse_event
-from streams.replay import proc_status_kb
+from streams.core.events import parse_event
+from streams.tools import bench
+from streams.tools.cli import build_parser, main
+from streams.tools.replay import proc_status_kb
 
 from .conftest import BrokerInfo
 
@@ -208,7 +208,7 @@ def test_a_tiny_bench_run(kafka: BrokerInfo, tmp_path: Path) -> None:
     flags = ["--broker", kafka.bootstrap, *(["--tansu"] if kafka.embedded else []),
              "--events", "1500", "--repeats", "1", "--latency-seconds", "3",
              "--open-cases", "500", "--workers", "2", "--out", str(out)]
-    done = subprocess.run([sys.executable, "-m", "streams.cli", "bench", *flags],
+    done = subprocess.run([sys.executable, "-m", "streams", "bench", *flags],
                           capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-1]

@@ -15,9 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streams import archive
-from streams import ledger as ledger_module
-from streams.cases import (
+from streams.config import ConfigError, from_env
+from streams.core import archive
+from streams.core import ledger as ledger_module
+from streams.core.cases import (
     DAY_US,
     FAILED_ACTION_MEMORY,
     SECOND_US,
@@ -27,10 +28,9 @@ from streams.cases import (
     related_case,
     remember_time,
 )
-from streams.config import ConfigError, from_env
-from streams.events import InvalidEvent, parse_event
-from streams.kpis import Aggregate, build_report
-from streams.ledger import RECORD_LIMIT, Ledger, PartitionRecord, RecordTooLarge
+from streams.core.events import InvalidEvent, parse_event
+from streams.core.kpis import Aggregate, build_report
+from streams.core.ledger import RECORD_LIMIT, Ledger, PartitionRecord, RecordTooLarge
 
 from .conftest import report_mismatches
 from .loop_traffic import mixed

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 
 from streams.config import Settings
-from streams.kpis import Aggregate
-from streams.partitioners import partition_for
-from streams.replay import (
+from streams.core.kpis import Aggregate
+from streams.kafka.partitioners import partition_for
+from streams.tools.replay import (
     REPLAY_WINDOW_RETENTION_S,
     read_lines,
     run_replay,
 )
-from streams.traffic import generate
+from streams.tools.traffic import generate
 
 from .cluster_helpers import replay_with_a_kill, run_settings
 from .conftest import BrokerInfo, report_mismatches

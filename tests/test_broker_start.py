@@ -13,8 +13,8 @@ import time
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from streams.broker import BrokerUnavailable, EmbeddedBroker, ensure_topics, free_port
 from streams.config import ConfigError, Settings, from_env
+from streams.kafka.broker import BrokerUnavailable, EmbeddedBroker, ensure_topics, free_port
 
 RETRY_LINE = re.compile(
     r"broker 127\.0\.0\.1:(\d+) unreachable, retrying in (\d+\.\d)s \((\d+\.\d)s left\)")
@@ -24,7 +24,7 @@ def run_worker(port: int, wait_s: str) -> tuple[subprocess.CompletedProcess[str]
     env = {**os.environ, "ACSR_BROKER_WAIT_S": wait_s}
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "worker", "--broker", f"127.0.0.1:{port}"],
+        [sys.executable, "-m", "streams", "worker", "--broker", f"127.0.0.1:{port}"],
         capture_output=True, text=True, timeout=60, env=env,
     )
     return done, time.monotonic() - started

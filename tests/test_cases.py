@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.cases import (
+from streams.core.cases import (
     CaseState,
     Route,
     WindowPolicy,
@@ -20,8 +20,8 @@ from streams.cases import (
     apply_link,
     related_case,
 )
-from streams.events import parse_event
-from streams.kpis import Aggregate, build_report, figures, window_items
+from streams.core.events import parse_event
+from streams.core.kpis import Aggregate, build_report, figures, window_items
 
 T0_MS = 1_795_352_400_000  # 2026-11-22T13:00:00Z
 SEC = 1000

@@ -15,9 +15,10 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from streams import exporter, kpis
-from streams.exporter import LabelBounds, WorkerView, build_registry
-from streams.kpis import Aggregate, Fact
+from streams.core import kpis
+from streams.core.kpis import Aggregate, Fact
+from streams.metrics import exporter
+from streams.metrics.exporter import LabelBounds, WorkerView, build_registry
 
 promql_parser = pytest.importorskip("promql_parser")
 pytest.importorskip("grafana_foundation_sdk")

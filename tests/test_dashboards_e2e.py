@@ -16,8 +16,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from streams.replay import Cluster, create_topics, isolated, produce, wait_processed
-from streams.traffic import generate
+from streams.tools.replay import Cluster, create_topics, isolated, produce, wait_processed
+from streams.tools.traffic import generate
 
 from .conftest import BrokerInfo
 from .prometheus_helpers import prometheus_binary, query, running_prometheus

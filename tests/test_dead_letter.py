@@ -8,8 +8,8 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from streams.app import REASON_HEADER
-from streams.replay import run_replay
+from streams.tools.replay import run_replay
+from streams.worker.app import REASON_HEADER
 
 from .conftest import BrokerInfo
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.broker import free_port
+from streams.kafka.broker import free_port
 
 from .metrics_helpers import total
 
@@ -58,7 +58,7 @@ def get(url: str) -> str:
 def test_demo_serves_concluded_cases_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
     prometheus_port = free_port() if shutil.which("prometheus") else None
-    command = [sys.executable, "-m", "streams.cli", "demo", "--web-port", str(port),
+    command = [sys.executable, "-m", "streams", "demo", "--web-port", str(port),
                "--rate", "100", "--seed", "3", "--refresh", "1"]
     if prometheus_port:
         command += ["--with-prometheus", "--prometheus-port", str(prometheus_port)]
@@ -121,7 +121,7 @@ def assert_prometheus_scrapes_the_worker(port: int) -> None:
 
 
 def test_demo_refuses_bad_options_before_starting_anything() -> None:
-    done = subprocess.run([sys.executable, "-m", "streams.cli", "demo", "--rate", "0"],
+    done = subprocess.run([sys.executable, "-m", "streams", "demo", "--rate", "0"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--rate must be > 0" in done.stderr
 
@@ -129,8 +129,8 @@ def test_demo_refuses_bad_options_before_starting_anything() -> None:
 def test_the_view_shows_misrouted_events_only_when_there_are_some() -> None:
     from rich.console import Console
 
-    from streams.demo import render
-    from streams.kpis import Aggregate, build_report
+    from streams.core.kpis import Aggregate, build_report
+    from streams.tools.demo import render
 
     def shown(misrouted: int) -> str:
         agg = Aggregate()
@@ -146,8 +146,8 @@ def test_the_view_shows_misrouted_events_only_when_there_are_some() -> None:
 def test_the_view_shows_implausibly_dated_events() -> None:
     from rich.console import Console
 
-    from streams.demo import render
-    from streams.kpis import Aggregate, build_report
+    from streams.core.kpis import Aggregate, build_report
+    from streams.tools.demo import render
 
     agg = Aggregate()
     agg.count("invalid", "future_ts", 2)

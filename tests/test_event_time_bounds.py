@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from streams.replay import read_lines, run_replay
+from streams.tools.replay import read_lines, run_replay
 
 from .conftest import BrokerInfo, report_mismatches
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.events import (
+from streams.core.events import (
     EARLIEST_TS_US,
     ESCALATION_REASONS,
     EVENT_TYPES,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from streams import kpis
-from streams.exporter import LabelBounds, WorkerView, build_registry, merge_expositions
-from streams.kpis import Aggregate, Fact
+from streams.core import kpis
+from streams.core.kpis import Aggregate, Fact
+from streams.metrics.exporter import LabelBounds, WorkerView, build_registry, merge_expositions
 
 
 def _exposition(aggregates: dict[int, Aggregate], bounds: LabelBounds | None = None) -> str:

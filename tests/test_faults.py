@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from streams.kpis import build_report
-from streams.replay import (
+from streams.core.kpis import build_report
+from streams.tools.replay import (
     Cluster,
     create_topics,
     gather_aggregates,

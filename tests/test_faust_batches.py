@@ -1,5 +1,5 @@
 """The Faust hooks for batches: table writes on an event's partition, and changelog ends
-read from fetch responses (streams/faust_batches.py)."""
+read from fetch responses (streams/faust_patches/tables.py)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from aiokafka.errors import MessageSizeTooLargeError
 from faust.streams import current_event
 from faust.types import TP
 
-from streams.annotation_log import OutputTopicError, high_watermarks, reader
-from streams.broker import ensure_topics
-from streams.faust_batches import (
+from streams.faust_patches.tables import (
     AcknowledgedTable,
     ChangelogWriteFailed,
     ends_from_fetches,
     writes_on,
 )
+from streams.kafka.broker import ensure_topics
+from streams.kafka.reader import OutputTopicError, high_watermarks, reader
 
 from .conftest import BrokerInfo
 
@@ -88,7 +88,7 @@ async def test_a_recovery_with_nothing_to_recover_raises_nothing(kafka: BrokerIn
 
 async def test_a_changelog_write_the_broker_refuses_stops_the_worker_naming_it() -> None:
     """The broker refused a table write (e.g. its max.message.bytes is below ours): waiting
-    for it raises an OutputTopicError, which stops the worker (streams/app.py) instead of
+    for it raises an OutputTopicError, which stops the worker (streams/worker/app.py) instead of
     processing the same batch again and again."""
     app = faust.App(f"t-{uuid.uuid4().hex[:6]}", broker="kafka://localhost:1")
     table = AcknowledgedTable(app, name="cases", partitions=4)

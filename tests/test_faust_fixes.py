@@ -1,4 +1,4 @@
-"""The consumer patches of streams/faust_fixes.py, driven like Faust's fetch loop drives them.
+"""The consumer patches of streams/faust_patches/fixes.py, driven as Faust's fetch loop does.
 
 The consumer here is a stand-in with Faust's consumer surface (read offsets, seeks,
 revocation, batches); the patches' effect on a real worker is proven by the fault tests.
@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from faust.transport.consumer import Consumer as FaustConsumer
 from intervaltree import IntervalTree
 
-from streams.faust_fixes import (
+from streams.faust_patches.fixes import (
     commit_only_contiguous,
     keep_seeks_over_stale_reads,
     stop_when_offsets_vanish,

@@ -1,4 +1,4 @@
-"""The eager hand-over of streams/faust_handover.py, raced by mode's real `wait_first`."""
+"""The eager hand-over of streams/faust_patches/handover.py, raced by mode's real `wait_first`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from mode import Service
 from mode.utils.locks import Event
 
-from streams.faust_handover import hand_over_eagerly
+from streams.faust_patches.handover import hand_over_eagerly
 
 
 class Fetcher(Service):

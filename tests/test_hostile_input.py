@@ -26,11 +26,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streams import kpis
-from streams.app import REASON_HEADER
-from streams.cases import SECOND_US, WindowPolicy, related_case
 from streams.config import Settings
-from streams.events import (
+from streams.core import kpis
+from streams.core.cases import SECOND_US, WindowPolicy, related_case
+from streams.core.events import (
     EVENT_TYPES,
     INVALID_REASONS,
     MAX_MESSAGE_BYTES,
@@ -38,16 +37,17 @@ from streams.events import (
     InvalidEvent,
     parse_event,
 )
-from streams.kpis import Aggregate, build_report
-from streams.ledger import Ledger
-from streams.replay import (
+from streams.core.kpis import Aggregate, build_report
+from streams.core.ledger import Ledger
+from streams.tools.replay import (
     Cluster,
     create_topics,
     gather_aggregates,
     isolated,
     wait_processed,
 )
-from streams.traffic import generate
+from streams.tools.traffic import generate
+from streams.worker.app import REASON_HEADER
 
 from .conftest import BrokerInfo, report_mismatches
 

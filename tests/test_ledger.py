@@ -7,11 +7,10 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from streams.cases import SECOND_US, WindowPolicy, related_case
-from streams.events import InvalidEvent, parse_event
-from streams.kpis import Aggregate, build_report
-from streams.ledger import Ledger
-from streams.partitioners import Origin
+from streams.core.cases import SECOND_US, WindowPolicy, related_case
+from streams.core.events import InvalidEvent, parse_event
+from streams.core.kpis import Aggregate, build_report
+from streams.core.ledger import Ledger, Origin
 
 from .conftest import report_mismatches
 
@@ -131,7 +130,7 @@ def test_sweeps_run_hourly_in_event_time_and_keep_recent_cases() -> None:
 
 
 def test_a_refused_dead_letter_write_is_counted_once_and_survives_a_rebuild() -> None:
-    from streams import kpis
+    from streams.core import kpis
 
     ledger, records = _ledger(), {}
     assert ledger.apply_invalid(records, 0, 7, "too_large", dead_lettered=False)

@@ -8,14 +8,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from streams.replay import (
+from streams.tools.replay import (
     Cluster,
     create_topics,
     produce,
     run_replay,
     wait_processed,
 )
-from streams.traffic import generate
+from streams.tools.traffic import generate
 
 from .cluster_helpers import run_settings, wait_committed
 from .conftest import BrokerInfo

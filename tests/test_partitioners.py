@@ -12,8 +12,8 @@ from confluent_kafka import Producer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streams.broker import ensure_topics
-from streams.partitioners import (
+from streams.kafka.broker import ensure_topics
+from streams.kafka.partitioners import (
     CRC32,
     FNV1A,
     MURMUR2,

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from streams.broker import EmbeddedBroker
-from streams.replay import (
+from streams.kafka.broker import EmbeddedBroker
+from streams.tools.replay import (
     Cluster,
     WorkerProcess,
     create_topics,
@@ -29,7 +29,7 @@ from streams.replay import (
     produce,
     wait_processed,
 )
-from streams.traffic import generate
+from streams.tools.traffic import generate
 
 from .cluster_helpers import produce_paced, rss_mb, run_settings, worker_metrics
 from .conftest import BrokerInfo

@@ -22,9 +22,9 @@ import yaml
 from confluent_kafka import Producer
 
 from streams.config import Settings
-from streams.events import InvalidEvent, message_key, parse_event
-from streams.partitioners import CRC32, MURMUR2, REPARTITION, partition_for
-from streams.replay import (
+from streams.core.events import InvalidEvent, message_key, parse_event
+from streams.kafka.partitioners import CRC32, MURMUR2, REPARTITION, partition_for
+from streams.tools.replay import (
     Cluster,
     create_topics,
     end_offsets,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.replay import (
+from streams.tools.replay import (
     Cluster,
     create_topics,
     gather_aggregates,

@@ -12,9 +12,9 @@ import orjson
 import pytest
 
 from streams import InvalidEventError, Publisher, build_event
-from streams.broker import ONE_RECORD_BATCH_BYTES, BrokerUnavailable, ensure_topics
-from streams.events import parse_event
-from streams.publisher import producer_options
+from streams.core.events import parse_event
+from streams.kafka.broker import ONE_RECORD_BATCH_BYTES, BrokerUnavailable, ensure_topics
+from streams.kafka.publisher import producer_options
 
 from .conftest import BrokerInfo
 from .test_simulate import consume_all

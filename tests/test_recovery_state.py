@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import faust
 
-from streams.app import tables_recovering
+from streams.worker.app import tables_recovering
 
 
 def test_a_worker_is_recovering_in_every_rebalance_until_its_recovery_is_done() -> None:

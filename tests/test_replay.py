@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.replay import run_replay
+from streams.tools.replay import run_replay
 
 from .conftest import BrokerInfo, report_mismatches
 
@@ -34,7 +34,7 @@ def test_replay_command_on_its_own_embedded_broker(
     """What the README shows: no broker named, so the command starts and stops its own."""
     out = tmp_path / "report.json"
     done = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "replay", str(sample_events), "--report", str(out),
+        [sys.executable, "-m", "streams", "replay", str(sample_events), "--report", str(out),
          "--quiet"],
         capture_output=True, text=True, timeout=300,
     )
@@ -46,7 +46,7 @@ def test_replay_command_on_its_own_embedded_broker(
 
 def test_replay_of_a_missing_file_fails_with_a_message(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "replay", str(tmp_path / "nope.jsonl"),
+        [sys.executable, "-m", "streams", "replay", str(tmp_path / "nope.jsonl"),
          "--report", str(tmp_path / "r.json")],
         capture_output=True, text=True, timeout=60,
     )
@@ -56,7 +56,7 @@ def test_replay_of_a_missing_file_fails_with_a_message(tmp_path: Path) -> None:
 
 def test_a_bad_broker_address_fails_at_start(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "worker", "--broker", "not a broker"],
+        [sys.executable, "-m", "streams", "worker", "--broker", "not a broker"],
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2

@@ -20,12 +20,12 @@ import orjson
 import pytest
 from faust.types.auth import AuthProtocol, SASLMechanism
 
-from streams.broker import BrokerUnavailable, ensure_topics
-from streams.cli import build_parser
 from streams.config import ConfigError, Settings, from_env
-from streams.replay import run_replay
-from streams.security import faust_credentials, kafka_client_kwargs, sasl_password
-from streams.traffic import generate
+from streams.kafka.broker import BrokerUnavailable, ensure_topics
+from streams.kafka.security import faust_credentials, kafka_client_kwargs, sasl_password
+from streams.tools.cli import build_parser
+from streams.tools.replay import run_replay
+from streams.tools.traffic import generate
 
 from .conftest import BrokerInfo
 
@@ -112,7 +112,7 @@ def test_half_configured_security_fails_at_start(env: dict[str, str], message: s
 
 def test_the_worker_command_names_the_bad_setting(tmp_path: Path) -> None:
     env = {**os.environ, **SASL_ENV, "ACSR_SASL_USERNAME": ""}
-    done = subprocess.run([sys.executable, "-m", "streams.cli", "worker"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "streams", "worker"], capture_output=True,
                           text=True, timeout=60, env=env)
     assert done.returncode == 2
     assert "configuration error: SASL_PLAINTEXT needs ACSR_SASL_USERNAME" in done.stderr

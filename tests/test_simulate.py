@@ -18,9 +18,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streams.events import EVENT_TYPES, InvalidEvent, parse_event
-from streams.kpis import Aggregate
-from streams.simulate import SCENARIOS, Message, Simulation, horizon, pace, past_start_ms
+from streams.core.events import EVENT_TYPES, InvalidEvent, parse_event
+from streams.core.kpis import Aggregate
+from streams.tools.simulate import SCENARIOS, Message, Simulation, horizon, pace, past_start_ms
 
 from .conftest import BrokerInfo
 from .test_ledger import _feed, _ledger, _report
@@ -199,7 +199,7 @@ def test_version_rollout_gives_v8_traffic_and_a_worse_arr() -> None:
 def test_output_files_are_deterministic_and_the_command_checks_its_options(
         tmp_path: Path) -> None:
     def simulate(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "streams.cli", "simulate", *args],
+        return subprocess.run([sys.executable, "-m", "streams", "simulate", *args],
                               capture_output=True, text=True, timeout=60)
 
     common = ["--rate", "40", "--speed", "60", "--seed", "9", "--duration", "20"]
@@ -242,12 +242,12 @@ def test_simulate_publishes_at_its_pace_what_it_would_write(kafka: BrokerInfo,
     common = ["--rate", "150", "--speed", "60", "--seed", "5", "--start",
               "2026-11-22T12:00:00Z", "--duration", "3"]
     offline = tmp_path / "offline.jsonl"
-    done = subprocess.run([sys.executable, "-m", "streams.cli", "simulate", *common,
+    done = subprocess.run([sys.executable, "-m", "streams", "simulate", *common,
                            "--output", str(offline)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     started = time.monotonic()
     live = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "simulate", "--broker", kafka.bootstrap,
+        [sys.executable, "-m", "streams", "simulate", "--broker", kafka.bootstrap,
          "--events-topic", topic, "--partitions", "3", *(["--tansu"] if kafka.embedded else []),
          *common], capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - started

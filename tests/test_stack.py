@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from streams.cli import build_parser
 from streams.config import Settings, env_name, from_env
+from streams.tools.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

@@ -2,7 +2,7 @@
 
 With more workers than partitions some get nothing at a rebalance; that worker's table
 recovery must still run when a later rebalance gives it a partition (it once died of a
-recovery with nothing to recover: streams/annotation_log.py, `_stop`).
+recovery with nothing to recover: streams/kafka/reader.py, `_stop`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from streams.kpis import build_report
-from streams.replay import (
+from streams.core.kpis import build_report
+from streams.tools.replay import (
     Cluster,
     WorkerProcess,
     create_topics,
@@ -23,7 +23,7 @@ from streams.replay import (
     produce,
     wait_processed,
 )
-from streams.traffic import generate
+from streams.tools.traffic import generate
 
 from .cluster_helpers import run_settings
 from .conftest import BrokerInfo

@@ -14,12 +14,13 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from streams.annotation_log import high_watermarks, partition_count, read_range, reader
-from streams.cases import WindowPolicy
 from streams.config import Settings
-from streams.kpis import build_report
-from streams.publisher import producer_options
-from streams.replay import (
+from streams.core.cases import WindowPolicy
+from streams.core.kpis import build_report
+from streams.core.windows import WindowRules, closed_message, encode, message_key
+from streams.kafka.publisher import producer_options
+from streams.kafka.reader import high_watermarks, partition_count, read_range, reader
+from streams.tools.replay import (
     Cluster,
     WorkerProcess,
     create_topics,
@@ -29,7 +30,6 @@ from streams.replay import (
     read_lines,
     wait_processed,
 )
-from streams.windows import WindowRules, closed_message, encode, message_key
 
 from .cluster_helpers import replay_with_a_kill
 from .conftest import BrokerInfo, report_mismatches

@@ -12,14 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.cases import SECOND_US, WindowPolicy
 from streams.config import ConfigError, Settings, from_env
-from streams.events import InvalidEvent, parse_event
-from streams.exporter import KpiCollector, LabelBounds, WorkerView
-from streams.kpis import Aggregate, Fact, window_start
-from streams.ledger import Ledger
-from streams.traffic import generate
-from streams.windows import (
+from streams.core.cases import SECOND_US, WindowPolicy
+from streams.core.events import InvalidEvent, parse_event
+from streams.core.kpis import Aggregate, Fact, window_start
+from streams.core.ledger import Ledger
+from streams.core.windows import (
     SCHEMA_VERSION,
     Cell,
     PartitionWindows,
@@ -30,6 +28,8 @@ from streams.windows import (
     gauge_values,
     message_key,
 )
+from streams.metrics.exporter import KpiCollector, LabelBounds, WorkerView
+from streams.tools.traffic import generate
 
 T0_MS = 1_795_352_400_000  # 2026-11-22T13:00:00Z
 MIN_MS = 60_000

@@ -32,12 +32,12 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from .broker import ensure_topics
-from .config import ConfigError, Settings
-from .events import InvalidEvent, parse_ts
-from .publisher import Publisher
-from .security import kafka_client_kwargs
-from .traffic import with_noise
+from streams.config import ConfigError, Settings
+from streams.core.events import InvalidEvent, parse_ts
+from streams.kafka.broker import ensure_topics
+from streams.kafka.publisher import Publisher
+from streams.kafka.security import kafka_client_kwargs
+from streams.tools.traffic import with_noise
 
 STABLE, CANDIDATE = "v7", "v8"
 CHANNELS: Mapping[str, float] = MappingProxyType(

@@ -29,7 +29,7 @@ import faust
 from aiokafka import TopicPartition
 from faust import streams
 
-from .annotation_log import OutputTopicError, high_watermarks, reader
+from streams.kafka.reader import OutputTopicError, high_watermarks, reader
 
 
 class ChangelogWriteFailed(OutputTopicError):

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .events import format_ts
+from streams.core.events import format_ts
 
 UNKNOWN = "unknown"
 

@@ -20,12 +20,13 @@ import random
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 from aiokafka.partitioner import murmur2 as _java_murmur2
 
-from .events import READER_CLOCK, Event, EventTimeBounds, InvalidEvent, parse_event
+from streams.core.events import READER_CLOCK, Event, EventTimeBounds, InvalidEvent, parse_event
+from streams.core.ledger import Origin
 
 MURMUR2 = "murmur2"
 CRC32 = "crc32"
@@ -99,16 +100,6 @@ class ClientPartitioner:
 
 # On re-keyed events: b"<source partition>:<source offset>:<source event time, us>".
 SOURCE_HEADER = "acsr-source"
-
-
-class Origin(NamedTuple):
-    """Where a re-keyed event came from, and its source partition's event time before it
-    (None: no valid event yet): lateness is judged against that time, as it would be on
-    the source partition itself."""
-
-    partition: int
-    offset: int
-    time_us: int | None
 
 
 @dataclass(frozen=True)

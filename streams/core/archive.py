@@ -22,8 +22,8 @@ from collections.abc import Mapping, MutableMapping
 
 import orjson
 
-from .kpis import Aggregate
-from .state_bytes import dump_state
+from streams.core.kpis import Aggregate
+from streams.core.state_bytes import dump_state
 
 SHARD_BYTES = 256 * 1024  # a shard past this is split (the number of shards doubles)
 MAX_SHARDS = 1 << 13

@@ -29,9 +29,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 
-from .broker import ONE_RECORD_BATCH_BYTES, BrokerUnavailable
-from .config import Settings
-from .events import (
+from streams.config import Settings
+from streams.core.events import (
     DEFAULT_MAX_CLOCK_SKEW_S,
     READER_CLOCK,
     EventTimeBounds,
@@ -39,8 +38,9 @@ from .events import (
     message_key,
     parse_event,
 )
-from .partitioners import MURMUR2, ClientPartitioner
-from .security import kafka_client_kwargs
+from streams.kafka.broker import ONE_RECORD_BATCH_BYTES, BrokerUnavailable
+from streams.kafka.partitioners import MURMUR2, ClientPartitioner
+from streams.kafka.security import kafka_client_kwargs
 
 Delivery = asyncio.Future[RecordMetadata]
 

@@ -7,17 +7,17 @@ import asyncio
 import sys
 from pathlib import Path
 
-from . import __version__
-from .bench import add_parser as add_bench_parser
-from .bench import run_bench_command
-from .broker import BrokerUnavailable, ensure_topics
-from .config import ConfigError, Settings, from_env
-from .demo import add_demo_arguments, run_demo_command
-from .export_queue import add_parser as add_export_parser
-from .export_queue import run_export_command
-from .partitioners import PARTITIONERS
-from .replay import ReplayError
-from .simulate import add_simulate_parser, run_simulate_command
+from streams import __version__
+from streams.config import ConfigError, Settings, from_env
+from streams.kafka.broker import BrokerUnavailable, ensure_topics
+from streams.kafka.partitioners import PARTITIONERS
+from streams.tools.bench import add_parser as add_bench_parser
+from streams.tools.bench import run_bench_command
+from streams.tools.demo import add_demo_arguments, run_demo_command
+from streams.tools.export_queue import add_parser as add_export_parser
+from streams.tools.export_queue import run_export_command
+from streams.tools.replay import ReplayError
+from streams.tools.simulate import add_simulate_parser, run_simulate_command
 
 
 def _settings_args(parser: argparse.ArgumentParser) -> None:
@@ -112,8 +112,8 @@ def use_uvloop() -> None:
 def run_worker(settings: Settings) -> int:
     from faust.worker import Worker
 
-    from .app import build_app
-    from .security import kafka_client_kwargs
+    from streams.kafka.security import kafka_client_kwargs
+    from streams.worker.app import build_app
 
     use_uvloop()
     loop = asyncio.new_event_loop()
@@ -139,7 +139,7 @@ def run_worker(settings: Settings) -> int:
 def run_replay_command(args: argparse.Namespace, settings: Settings) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from .replay import run_replay, write_report
+    from streams.tools.replay import run_replay, write_report
 
     if args.workers < 1:
         raise ConfigError("--workers must be at least 1")

@@ -1,7 +1,7 @@
 """Annotation queue items: what a reviewer needs, in which order, and the sample of resolutions.
 
 Pure (no Faust, no Kafka), so the item schema, the priorities, the random sample and the
-resend guard are unit-tested on their own; streams/app.py does the I/O. The schema is
+resend guard are unit-tested on their own; streams/worker/app.py does the I/O. The schema is
 documented in docs/annotations.md; bump SCHEMA_VERSION on any incompatible change.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from .events import format_ts, parse_ts
+from streams.core.events import format_ts, parse_ts
 
 SCHEMA_VERSION = 1
 RANDOM_SAMPLE = "random_sample"

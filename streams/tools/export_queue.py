@@ -24,12 +24,12 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from .annotation_log import POLL_MS, high_watermarks, partition_count, reader
-from .annotations import ItemError, decode
-from .broker import BrokerUnavailable
-from .config import ConfigError, Settings
-from .events import InvalidEvent, parse_ts
-from .security import kafka_client_kwargs
+from streams.config import ConfigError, Settings
+from streams.core.annotations import ItemError, decode
+from streams.core.events import InvalidEvent, parse_ts
+from streams.kafka.broker import BrokerUnavailable
+from streams.kafka.reader import POLL_MS, high_watermarks, partition_count, reader
+from streams.kafka.security import kafka_client_kwargs
 
 
 @dataclass

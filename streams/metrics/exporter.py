@@ -22,11 +22,11 @@ from prometheus_client.core import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from . import kpis
-from .annotations import priority
-from .events import EVENT_TYPES, INVALID_REASONS
-from .kpis import HISTOGRAM_BUCKETS, OUTCOMES, Aggregate
-from .windows import GAUGES, Cell, WindowKey, gauge_values, size_label
+from streams.core import kpis
+from streams.core.annotations import priority
+from streams.core.events import EVENT_TYPES, INVALID_REASONS
+from streams.core.kpis import HISTOGRAM_BUCKETS, OUTCOMES, Aggregate
+from streams.core.windows import GAUGES, Cell, WindowKey, gauge_values, size_label
 
 disable_created_metrics()  # *_created samples say nothing here and double the exposition
 

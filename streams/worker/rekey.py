@@ -10,7 +10,7 @@ figures do not depend on how the forwarder interleaves source partitions.
 Each batch's copies are acknowledged, then the source partition's event time after the
 batch is written to partition p of the event-time topic, then Faust commits the source
 offsets. A crash in between forwards some messages again; the processor counts each
-source position once (streams/ledger.py), and the event time read back at the restart is
+source position once (streams/core/ledger.py), and the event time read back at the restart is
 the one after those messages, which only the skipped copies carry.
 """
 
@@ -22,9 +22,8 @@ from typing import Any
 import orjson
 from aiokafka import TopicPartition
 
-from .annotation_log import high_watermarks, read_range, reader
-from .events import EventTimeBounds
-from .partitioners import (
+from streams.core.events import EventTimeBounds
+from streams.kafka.partitioners import (
     SOURCE_HEADER,
     CaseRouting,
     Origin,
@@ -32,6 +31,7 @@ from .partitioners import (
     time_after,
     valid_event,
 )
+from streams.kafka.reader import high_watermarks, read_range, reader
 
 
 class Rekeyer:

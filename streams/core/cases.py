@@ -14,11 +14,11 @@ from typing import Any
 
 import orjson
 
-from . import kpis
-from .annotations import RANDOM_SAMPLE, CaseView, sampled
-from .events import DIMENSIONS, Event, format_ts, normalise_reason
-from .kpis import UNKNOWN, Aggregate, Fact
-from .state_bytes import dump_state
+from streams.core import kpis
+from streams.core.annotations import RANDOM_SAMPLE, CaseView, sampled
+from streams.core.events import DIMENSIONS, Event, format_ts, normalise_reason
+from streams.core.kpis import UNKNOWN, Aggregate, Fact
+from streams.core.state_bytes import dump_state
 
 DAY_US = 86_400_000_000
 SECOND_US = 1_000_000

@@ -28,12 +28,12 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
-from .broker import EmbeddedBroker, free_port
-from .config import ConfigError, Settings
-from .kpis import Aggregate, build_report
-from .publisher import Publisher
-from .replay import Cluster, create_topics
-from .simulate import (
+from streams.config import ConfigError, Settings
+from streams.core.kpis import Aggregate, build_report
+from streams.kafka.broker import EmbeddedBroker, free_port
+from streams.kafka.publisher import Publisher
+from streams.tools.replay import Cluster, create_topics
+from streams.tools.simulate import (
     SCENARIOS,
     Progress,
     Simulation,
@@ -44,7 +44,7 @@ from .simulate import (
 )
 
 COMPLIANCE_OBJECTIVE = 0.999
-RULES_DIR = Path(__file__).resolve().parents[1] / "alerts"
+RULES_DIR = Path(__file__).resolve().parents[2] / "alerts"
 RULE_FILES = ("recording.rules.yml", "alerts.rules.yml")
 
 

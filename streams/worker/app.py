@@ -20,21 +20,14 @@ from faust.types import TP
 from faust.web import Request, Response, View
 from prometheus_client import Counter, generate_latest
 
-from . import __version__, kpis
-from .annotation_log import (
-    OutputTopicError,
-    ensure_copartitioned,
-    load_guard,
-    partition_count,
-    reader,
-)
-from .annotations import HORIZON_HEADER, ResendGuard, Source, build_item, encode_within
-from .cases import SECOND_US, WindowPolicy
-from .config import Settings
-from .events import Event, EventTimeBounds, InvalidEvent, parse_event
-from .exporter import LabelBounds, WorkerView, build_registry
-from .faust_batches import AcknowledgedTable, ends_from_fetches, writes_on
-from .faust_fixes import (
+from streams import __version__
+from streams.config import Settings
+from streams.core import kpis
+from streams.core.annotations import HORIZON_HEADER, ResendGuard, Source, build_item, encode_within
+from streams.core.cases import SECOND_US, WindowPolicy
+from streams.core.events import Event, EventTimeBounds, InvalidEvent, parse_event
+from streams.core.ledger import RECORD_LIMIT, BatchPlan, Ledger, Origins, RecordTooLarge
+from streams.faust_patches.fixes import (
     commit_only_contiguous,
     complete_flushes,
     keep_seeks_over_stale_reads,
@@ -42,12 +35,20 @@ from .faust_fixes import (
     seek_uncommitted_to_beginning,
     stop_when_offsets_vanish,
 )
-from .faust_handover import hand_over_eagerly
-from .ledger import RECORD_LIMIT, BatchPlan, Ledger, Origins, RecordTooLarge
-from .partitioners import CaseRouting, parse_source
-from .rekey import Rekeyer
-from .security import faust_credentials, kafka_client_kwargs
-from .window_tables import WindowTables
+from streams.faust_patches.handover import hand_over_eagerly
+from streams.faust_patches.tables import AcknowledgedTable, ends_from_fetches, writes_on
+from streams.kafka.partitioners import CaseRouting, parse_source
+from streams.kafka.reader import (
+    OutputTopicError,
+    ensure_copartitioned,
+    load_guard,
+    partition_count,
+    reader,
+)
+from streams.kafka.security import faust_credentials, kafka_client_kwargs
+from streams.metrics.exporter import LabelBounds, WorkerView, build_registry
+from streams.worker.rekey import Rekeyer
+from streams.worker.window_tables import WindowTables
 
 log = logging.getLogger("acsr_metrics")
 
@@ -153,7 +154,7 @@ def build_app(settings: Settings) -> faust.App:
 
     stop_when_offsets_vanish(app.consumer, stop_on_lost_offsets)
     client_options = kafka_client_kwargs(settings)  # our own clients, secured like Faust's
-    if settings.tansu:  # changelog writes in normal producer batches (streams/faust_batches.py)
+    if settings.tansu:  # changelog writes in normal producer batches (faust_patches/tables.py)
         ends_from_fetches(app.consumer, settings.bootstrap_servers, client_options)
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     events_topic = app.topic(settings.events_topic, partitions=settings.partitions, **raw)
@@ -417,7 +418,7 @@ def build_app(settings: Settings) -> faust.App:
     @app.timer(interval=DELIVERY_CHECK_S)
     async def refetch_stalled_partitions() -> None:
         # A record lost on its way to an agent with none after it would stall its
-        # partition's commits for good (streams/faust_fixes.py, Deliveries).
+        # partition's commits for good (streams/faust_patches/fixes.py, Deliveries).
         if not recovering():
             await deliveries.refetch_stalled(STALLED_DELIVERY_S)
 

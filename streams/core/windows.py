@@ -1,6 +1,6 @@
 """Event-time tumbling windows: cells, closing, lateness, retention and the closed-window message.
 
-Pure (no Faust, no Kafka), so every rule unit-tests in milliseconds; streams/window_tables.py
+Pure (no Faust, no Kafka), so every rule unit-tests in milliseconds; streams/worker/window_tables.py
 keeps the cells in Faust windowed tables and does the I/O.
 
 A *cell* is what one window holds for one (intent, agent_version) of one events partition.
@@ -19,11 +19,11 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from . import kpis
-from .cases import SECOND_US, WindowPolicy
-from .events import format_ts
-from .kpis import Fact
-from .state_bytes import dump_state
+from streams.core import kpis
+from streams.core.cases import SECOND_US, WindowPolicy
+from streams.core.events import format_ts
+from streams.core.kpis import Fact
+from streams.core.state_bytes import dump_state
 
 SCHEMA_VERSION = 1  # of the closed-window message; bump on any incompatible change
 FIGURES = frozenset({kpis.CONCLUDED, kpis.ESCALATION, kpis.AHT, kpis.POLICY_CHECK, kpis.CSAT})

@@ -28,14 +28,14 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from .annotation_log import high_watermarks, reader
-from .broker import ONE_RECORD_BATCH_BYTES, EmbeddedBroker, ensure_topics, free_port
-from .config import Settings
-from .events import message_key
-from .exporter import merge_expositions
-from .kpis import Aggregate, build_report
-from .partitioners import MURMUR2, ClientPartitioner
-from .security import kafka_client_kwargs
+from streams.config import Settings
+from streams.core.events import message_key
+from streams.core.kpis import Aggregate, build_report
+from streams.kafka.broker import ONE_RECORD_BATCH_BYTES, EmbeddedBroker, ensure_topics, free_port
+from streams.kafka.partitioners import MURMUR2, ClientPartitioner
+from streams.kafka.reader import high_watermarks, reader
+from streams.kafka.security import kafka_client_kwargs
+from streams.metrics.exporter import merge_expositions
 
 REPLAY_WINDOW_RETENTION_S = 366 * 86_400
 
@@ -82,7 +82,7 @@ class WorkerProcess:
         env.update(self.settings.to_env())
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker"],
+            [sys.executable, "-m", "streams", "worker"],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # stopped in order by us, not by the terminal's Ctrl-C
         )
@@ -224,7 +224,7 @@ async def committed(consumer: AIOKafkaConsumer, topic: str, partitions: int) -> 
 async def end_offsets(bootstrap: str, client: dict[str, Any], topic: str, partitions: int
                       ) -> dict[int, int]:
     """From fetch responses: the embedded broker's ListOffsets can answer short (workers
-    write in multi-record batches, streams/faust_batches.py)."""
+    write in multi-record batches, streams/faust_patches/tables.py)."""
     async with reader(bootstrap, client=client) as fetcher:
         found = await high_watermarks(fetcher, [TopicPartition(topic, p)
                                                 for p in range(partitions)])

@@ -47,12 +47,14 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
-from .annotation_log import reader
-from .broker import BrokerUnavailable, EmbeddedBroker
-from .config import ConfigError, Settings
-from .partitioners import REPARTITION
-from .publisher import Publisher, build_event
-from .replay import (
+from streams.config import ConfigError, Settings
+from streams.core.state_bytes import dump_state, exact_size
+from streams.kafka.broker import BrokerUnavailable, EmbeddedBroker
+from streams.kafka.partitioners import REPARTITION
+from streams.kafka.publisher import Publisher, build_event
+from streams.kafka.reader import reader
+from streams.kafka.security import kafka_client_kwargs
+from streams.tools.replay import (
     Cluster,
     ReplayError,
     WorkerProcess,
@@ -64,10 +66,8 @@ from .replay import (
     produce,
     wait_processed,
 )
-from .security import kafka_client_kwargs
-from .simulate import SCENARIOS, Simulation
-from .state_bytes import dump_state, exact_size
-from .traffic import START_MS
+from streams.tools.simulate import SCENARIOS, Simulation
+from streams.tools.traffic import START_MS
 
 # Simulated traffic: 1000 msg/s at 60x time puts 500,000 events over about 8 simulated
 # hours, so cases conclude, feedback arrives and hourly windows close.

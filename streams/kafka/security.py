@@ -15,7 +15,7 @@ import faust
 from aiokafka.helpers import create_ssl_context
 from faust.types.auth import CredentialsT
 
-from .config import ConfigError, Settings
+from streams.config import ConfigError, Settings
 
 TLS_PROTOCOLS = frozenset({"SSL", "SASL_SSL"})
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from .annotations import HORIZON_HEADER, ItemError, ResendGuard, TailRecord, decode
-from .broker import ensure_topics
+from streams.core.annotations import HORIZON_HEADER, ItemError, ResendGuard, TailRecord, decode
+from streams.kafka.broker import ensure_topics
 
 log = logging.getLogger("acsr_metrics")
 
@@ -121,7 +121,7 @@ async def load_guard(bootstrap: str, topic: str, partition: int, first_offset: i
     """Read one annotation partition back from its end until the guard has all it needs.
 
     `parse` reads a record as the guard sees it: another output topic sent under the same
-    rules (the windows topic, streams/window_tables.py) reuses the guard with its own."""
+    rules (the windows topic, streams/worker/window_tables.py) reuses the guard with its own."""
     for attempt in range(1, attempts + 1):
         try:
             return await _scan_tail(bootstrap, TopicPartition(topic, partition), first_offset,

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
-from . import archive, kpis
-from .annotations import CaseView
-from .archive import RecordTooLarge, checked, key_partition
-from .cases import (
+from streams.core import archive, kpis
+from streams.core.annotations import CaseView
+from streams.core.archive import RecordTooLarge, checked, key_partition
+from streams.core.cases import (
     SECOND_US,
     CaseState,
     Step,
@@ -35,10 +35,9 @@ from .cases import (
     related_case,
     spill_key,
 )
-from .events import Event, InvalidEvent
-from .kpis import Aggregate
-from .partitioners import Origin
-from .state_bytes import dump_state
+from streams.core.events import Event, InvalidEvent
+from streams.core.kpis import Aggregate
+from streams.core.state_bytes import dump_state
 
 SWEEP_EVERY_US = 3600 * SECOND_US
 # Kafka refuses a record over message.max.bytes (1,048,588 by default, key and headers
@@ -52,6 +51,16 @@ SPILL_BYTES = 128 * 1024
 FOLD_CHUNK = 2000  # expired cases folded per write (the rest at the next batch)
 
 __all__ = ["RECORD_LIMIT", "Ledger", "RecordTooLarge"]
+
+
+class Origin(NamedTuple):
+    """Where a re-keyed event came from, and its source partition's event time before it
+    (None: no valid event yet): lateness is judged against that time, as it would be on
+    the source partition itself."""
+
+    partition: int
+    offset: int
+    time_us: int | None
 
 
 @dataclass

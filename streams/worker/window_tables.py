@@ -4,7 +4,7 @@ One windowed table per size (`windows-<size>s`), keyed by (events partition, int
 agent_version) and the window, each value a `Cell` as JSON bytes. Every key is written
 only while an event of its own partition is processed, so every write lands on the
 changelog partition of that event, like the `cases` table. The rules (folding, closing,
-lateness, retention, the message) are in streams/windows.py; this module does the I/O:
+lateness, retention, the message) are in streams/core/windows.py; this module does the I/O:
 
 - **Folding**: an event's windowed facts are written to their cells, and the writes are
   acknowledged by the broker *before* the case write that records the event. A
@@ -17,7 +17,7 @@ lateness, retention, the message) are in streams/windows.py; this module does th
   partition's event time is `window_retention_s` past their end, recovered ones included.
 - **Emission**: a closed cell is sent to the windows topic (partition = events partition,
   deterministic key), acknowledged, then marked emitted in its table. A crash between the
-  two is covered by the annotation queue's resend guard (streams/annotation_log.py): the
+  two is covered by the annotation queue's resend guard (streams/kafka/reader.py): the
   first time a session emits on a partition, it reads that windows partition back to the
   first events offset it processed and does not send again what is already there.
 """
@@ -32,13 +32,11 @@ import faust
 import orjson
 from aiokafka import ConsumerRecord
 
-from .annotation_log import ensure_copartitioned, load_guard
-from .annotations import HORIZON_HEADER, ResendGuard, TailRecord
-from .cases import WindowPolicy
-from .config import Settings
-from .faust_batches import AcknowledgedTable
-from .ledger import BatchPlan
-from .windows import (
+from streams.config import Settings
+from streams.core.annotations import HORIZON_HEADER, ResendGuard, TailRecord
+from streams.core.cases import WindowPolicy
+from streams.core.ledger import BatchPlan
+from streams.core.windows import (
     SCHEMA_VERSION,
     Cell,
     PartitionWindows,
@@ -49,6 +47,8 @@ from .windows import (
     encode,
     message_key,
 )
+from streams.faust_patches.tables import AcknowledgedTable
+from streams.kafka.reader import ensure_copartitioned, load_guard
 
 log = logging.getLogger("acsr_metrics")
 

@@ -1,0 +1,1 @@
+"""What Prometheus scrapes: the exporter reads the worker's state and never changes it."""
