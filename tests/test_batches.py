@@ -3,18 +3,25 @@ exact after a crash that landed only some of a batch's case writes."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from streams.core.annotations import ResendGuard
 from streams.core.cases import SECOND_US, WindowPolicy
-from streams.core.events import InvalidEvent, parse_event
+from streams.core.events import READER_CLOCK, InvalidEvent, parse_event
 from streams.core.kpis import Aggregate
-from streams.core.ledger import Ledger, Parsed
+from streams.core.ledger import BatchPlan, Ledger, Parsed
+from streams.kafka.partitioners import MURMUR2, CaseRouting
+from streams.worker.batches import BatchProcessor
 
 from .conftest import DATA
 
@@ -33,38 +40,131 @@ def _parse(line: bytes) -> Parsed:
 
 
 @pytest.fixture(scope="module")
-def stream() -> list[tuple[int, Parsed]]:
-    lines = [line for line in Path(SAMPLE).read_bytes().splitlines() if line.strip()]
+def lines() -> list[bytes]:
+    return [line for line in Path(SAMPLE).read_bytes().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def raw(lines: list[bytes]) -> list[tuple[int, bytes]]:
+    """The messages of one partition: offset and value."""
+    return list(enumerate(lines))
+
+
+@pytest.fixture(scope="module")
+def stream(lines: list[bytes]) -> list[tuple[int, Parsed]]:
     return [(offset, _parse(line)) for offset, line in enumerate(lines)]
 
 
+class Crash(Exception):
+    """The worker died."""
+
+
+class Table(dict):
+    """A table whose writes are acknowledged at once."""
+
+    async def acknowledged(self, partition: int) -> None:
+        pass
+
+
+class DyingTable(Table):
+    """The case table of a worker that dies amid a batch's case writes: only the writes
+    to `landed` cases reach it."""
+
+    def __init__(self, table: Table, landed: set[str]) -> None:
+        super().__init__(table)
+        self.landed = landed
+
+    def __setitem__(self, key: str, value: bytes) -> None:
+        if key in self.landed:
+            super().__setitem__(key, value)
+
+    async def acknowledged(self, partition: int) -> None:
+        raise Crash
+
+
+class Outputs:
+    """One partition, no other worker: links and items go nowhere, dead letters are kept."""
+
+    def __init__(self) -> None:
+        self.dead_lettered: list[int] = []
+
+    async def case_routing(self) -> CaseRouting:
+        return CaseRouting(MURMUR2, 1)
+
+    async def resend_guard(self, partition: int, offset: int) -> ResendGuard:
+        return ResendGuard(offset)
+
+    async def dead_letter(self, message: Any, invalid: InvalidEvent) -> bool:
+        self.dead_lettered.append(message.offset)
+        return True
+
+    async def send_links(self, plan: BatchPlan, routing: CaseRouting) -> list[Any]:
+        return []
+
+    async def send_items(self, plan: BatchPlan, guard: ResendGuard) -> list[Any]:
+        return []
+
+    def report_misrouting(self, plan: BatchPlan, routing: CaseRouting) -> None:
+        pass
+
+
+class NoWindows:
+    """Windows are another test's concern (tests/test_windows.py)."""
+
+    def build(self, partitions: set[int]) -> None:
+        pass
+
+    def fold(self, plan: BatchPlan) -> None:
+        pass
+
+    async def acknowledged(self, partition: int) -> None:
+        pass
+
+    async def advance(self, partition: int, offset: int) -> None:
+        pass
+
+
+def _events(lines: list[tuple[int, bytes]]) -> list[Any]:
+    return [SimpleNamespace(message=SimpleNamespace(offset=offset, value=value, partition=0,
+                                                    key=None, headers=()))
+            for offset, value in lines]
+
+
 class Worker:
-    """One partition's ledger and tables, fed in batches."""
+    """One partition's tables, fed in batches by the worker's own BatchProcessor."""
 
     def __init__(self, cases: dict | None = None, records: dict | None = None) -> None:
         self.ledger = Ledger(POLICY, retention_us=7 * DAY_US)
-        self.cases: dict[str, bytes] = {} if cases is None else cases
-        self.records: dict[int, bytes] = {} if records is None else records
+        self.cases = Table(cases or {})
+        self.records = Table(records or {})
+        self.outputs = Outputs()
         if cases is not None:
             self.ledger.rebuild(self.cases.items(), self.records.items(), {0})
 
-    def feed(self, items: list[tuple[int, Parsed]], cuts: list[int]) -> Worker:
-        """Apply `items` in batches ending at each of the `cuts` (and at the end)."""
+    def processor(self) -> BatchProcessor:
+        return BatchProcessor(self.ledger, self.cases, self.records, NoWindows(), self.outputs,
+                              bounds=READER_CLOCK, repartitions=False,
+                              writes_on=lambda event: nullcontext())
+
+    def feed(self, lines: list[tuple[int, bytes]], cuts: list[int]) -> Worker:
+        """Apply `lines` in batches ending at each of the `cuts` (and at the end)."""
         start = 0
-        for end in [*sorted(cut for cut in set(cuts) if 0 < cut < len(items)), len(items)]:
-            self.batch(items[start:end])
+        for end in [*sorted(cut for cut in set(cuts) if 0 < cut < len(lines)), len(lines)]:
+            self.batch(lines[start:end])
             start = end
         return self
 
-    def batch(self, items: list[tuple[int, Parsed]], landed: set[str] | None = None) -> None:
-        """One batch; `landed` names the only cases whose writes reach the table."""
-        plan = self.ledger.plan_batch(self.cases, self.records, 0, items)
-        self.ledger.mark_batch(self.records, plan)
-        if landed is None:
-            self.ledger.commit_batch(self.cases, plan)
+    def batch(self, lines: list[tuple[int, bytes]], landed: set[str] | None = None) -> None:
+        """One batch; `landed` names the only cases whose writes reach the table before
+        the worker dies."""
+        if not lines:
             return
-        for case_id in plan.states.keys() & landed:
-            self.cases[case_id] = plan.states[case_id].to_bytes()
+        if landed is not None:
+            self.cases = DyingTable(self.cases, landed)
+        try:
+            asyncio.run(self.processor().batch(0, _events(lines)))
+        except Crash:
+            self.cases = Table(self.cases)
 
     def figures(self) -> Aggregate:
         return self.ledger.aggregates[0]
@@ -85,8 +185,8 @@ def _late(agg: Aggregate) -> int:
 
 
 @pytest.fixture(scope="module")
-def one_at_a_time(stream: list[tuple[int, Parsed]]) -> Worker:
-    return Worker().feed(stream, list(range(len(stream))))
+def one_at_a_time(raw: list[tuple[int, bytes]]) -> Worker:
+    return Worker().feed(raw, list(range(len(raw))))
 
 
 def test_the_example_has_late_events(one_at_a_time: Worker) -> None:
@@ -97,8 +197,8 @@ def test_the_example_has_late_events(one_at_a_time: Worker) -> None:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cuts=st.lists(st.integers(1, 2732), max_size=40))
 def test_any_batching_counts_what_one_at_a_time_counts(
-        stream: list[tuple[int, Parsed]], one_at_a_time: Worker, cuts: list[int]) -> None:
-    batched = Worker().feed(stream, cuts)
+        raw: list[tuple[int, bytes]], one_at_a_time: Worker, cuts: list[int]) -> None:
+    batched = Worker().feed(raw, cuts)
     assert batched.figures() == one_at_a_time.figures()
     assert batched.cases == one_at_a_time.cases
 
@@ -106,7 +206,8 @@ def test_any_batching_counts_what_one_at_a_time_counts(
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_a_crash_inside_a_batch_loses_and_doubles_nothing(
-        stream: list[tuple[int, Parsed]], one_at_a_time: Worker, data: st.DataObject) -> None:
+        stream: list[tuple[int, Parsed]], raw: list[tuple[int, bytes]], one_at_a_time: Worker,
+        data: st.DataObject) -> None:
     """Before the crash: batches up to `start`, then a batch `start..end` whose side
     effects and marker landed but only some case writes. After it: a new worker rebuilds
     from the tables and takes the events again from a committed offset: one at or before
@@ -114,17 +215,17 @@ def test_a_crash_inside_a_batch_loses_and_doubles_nothing(
     n = len(stream)
     start = data.draw(st.integers(1, n - 2), "start")
     end = data.draw(st.integers(start + 1, min(n, start + 600)), "end")
-    worker = Worker().feed(stream[:start], data.draw(st.lists(st.integers(1, start)), "cuts"))
+    worker = Worker().feed(raw[:start], data.draw(st.lists(st.integers(1, start)), "cuts"))
     touched = sorted(worker.ledger.plan_batch(dict(worker.cases), worker.records, 0,
                                               stream[start:end]).states)
     landed = set(data.draw(st.lists(st.sampled_from(touched), unique=True), "landed")
                  if touched else [])
-    worker.batch(stream[start:end], landed)
+    worker.batch(raw[start:end], landed)
     committed = start - data.draw(st.integers(0, start), "redelivered")
     if landed == set(touched) and data.draw(st.booleans(), "batch committed"):
         committed = end
     recovered = Worker(worker.cases, worker.records)
-    recovered.feed(stream[committed:], data.draw(st.lists(st.integers(1, n)), "cuts after"))
+    recovered.feed(raw[committed:], data.draw(st.lists(st.integers(1, n)), "cuts after"))
     assert _same(recovered.figures(), one_at_a_time.figures())
     assert _late(recovered.figures()) == _late(one_at_a_time.figures())
 
@@ -136,29 +237,33 @@ def _without_marker(records: dict[int, bytes]) -> dict[int, bytes]:
 
 
 def test_without_the_marker_a_partial_batch_would_miscount(
-        stream: list[tuple[int, Parsed]], one_at_a_time: Worker) -> None:
+        stream: list[tuple[int, Parsed]], raw: list[tuple[int, bytes]],
+        one_at_a_time: Worker) -> None:
     """The marker is what keeps the crash above exact: recovering from the case writes
     alone sees the event time of the cases that landed, and counts other late events."""
     differs = 0
     for start in range(100, 2600, 250):
-        worker = Worker().feed(stream[:start], [])
+        worker = Worker().feed(raw[:start], [])
         plan = worker.ledger.plan_batch(dict(worker.cases), worker.records, 0,
                                         stream[start:start + 300])
         last = max(plan.states, key=lambda case_id: plan.states[case_id].offset)
-        worker.batch(stream[start:start + 300], {last})
+        worker.batch(raw[start:start + 300], {last})
         recovered = Worker(dict(worker.cases), _without_marker(worker.records))
-        differs += not _same(recovered.feed(stream[start:], []).figures(),
+        differs += not _same(recovered.feed(raw[start:], []).figures(),
                              one_at_a_time.figures())
     assert differs > 0
 
 
 def test_a_redelivered_invalid_message_is_neither_counted_nor_dead_lettered_again(
-        stream: list[tuple[int, Parsed]]) -> None:
+        stream: list[tuple[int, Parsed]], raw: list[tuple[int, bytes]]) -> None:
     invalid = [offset for offset, parsed in stream if isinstance(parsed, InvalidEvent)]
-    worker = Worker().feed(stream[:invalid[3] + 1], [])
-    counted = dict(worker.figures().pipeline)
-    again = worker.ledger.plan_batch(worker.cases, worker.records, 0,
-                                     stream[invalid[1]:invalid[5] + 1])
-    assert [offset for offset, _ in again.invalid] == invalid[4:6]
-    worker.ledger.mark_batch(worker.records, again)
-    assert sum(worker.figures().pipeline.values()) == sum(counted.values()) + 2
+    worker = Worker().feed(raw[:invalid[3] + 1], [])
+    assert worker.outputs.dead_lettered == invalid[:4]
+    counted = _invalid(worker.figures())
+    worker.feed(raw[invalid[1]:invalid[5] + 1], [])  # redelivered from invalid[1] on
+    assert worker.outputs.dead_lettered == invalid[:6]
+    assert _invalid(worker.figures()) == counted + 2
+
+
+def _invalid(agg: Aggregate) -> int:
+    return sum(count for (name, _), count in agg.pipeline.items() if name == "invalid")

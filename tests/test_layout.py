@@ -76,3 +76,12 @@ def test_the_rule_sees_a_forbidden_import() -> None:
               "import orjson\n")
     assert core_violations(source) == ["aiokafka.errors", "streams.kafka.reader",
                                        "streams.worker"]
+
+
+def test_no_function_of_the_worker_is_longer_than_a_screen() -> None:
+    """State passed explicitly, steps named: a worker function fits on a screen."""
+    for path in sorted((PACKAGE / "worker").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 60, f"{path.name}: {node.name} has {length} lines"

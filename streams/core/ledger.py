@@ -360,7 +360,8 @@ class Ledger:
             cases.pop(key, None)
         for applied in plan.applied:
             self._account(partition, applied.event.case_id, applied.step)
-        self.aggregate(partition).count(kpis.SPILLED, n=len(plan.spilled))
+        if plan.spilled:
+            self.aggregate(partition).count(kpis.SPILLED, n=len(plan.spilled))
         if plan.after_us is not None:
             self.watermarks[partition] = _later(self.watermarks.get(partition), plan.after_us)
         if plan.recovered_batch_done:

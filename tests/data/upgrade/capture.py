@@ -3,24 +3,35 @@
 stored-format upgrade test (tests/test_upgrade.py).
 
     git worktree add /tmp/pre20 5b22a3a
-    cd /work/main && PYTHONPATH=/tmp/pre20 .venv/bin/python tests/data/upgrade/capture.py \
-        tests/data/upgrade
+    cd /work/main
+    PYTHONPATH=/tmp/pre20 .venv/bin/python tests/data/upgrade/capture.py tests/data/upgrade
+    PYTHONPATH=/tmp/pre20 .venv/bin/python tests/data/upgrade/capture.py --expire \
+        tests/data/upgrade/expiry
 
 Run ONCE, with the code whose stored formats are to be kept readable (here 5b22a3a, the
 last commit before streams/ was split into sub-packages). Never run it again with newer
 code: the point of the files is that they were written by the old code.
 
 What it does: an embedded broker (Tansu); settings of an isolated run (`isolated`, 4
-partitions, the replay's window retention so every window of the file is kept); the
-topics; the bundled sample (tests/data/sample/events.jsonl) produced as `replay` does;
-2 workers (`Cluster`) until every event and link is processed; the report their tables
-give (`build_report(gather_aggregates(...))`, checked against the worked example's
-expected report); the workers stopped; then EVERY record of EVERY topic of the run
-(events, dead letters, links, annotation queue, windows, every Faust changelog and
-internal topic: whatever the broker lists under the run's prefix or app id), with
-partition, offset, timestamp, key, value and headers.
+partitions, the replay's window retention so every window of the file is kept, batches of
+at most 250 events so that partition records, cases and window cells are written several
+times); the topics; the bundled sample (tests/data/sample/events.jsonl) produced as
+`replay` does; 2 workers (`Cluster`) until every event and link is processed; the report
+their tables give (`build_report(gather_aggregates(...))`, checked against the worked
+example's expected report); the group's committed offsets; the workers stopped; then EVERY
+record of EVERY topic of the run (events, dead letters, links, annotation queue, windows,
+every Faust changelog and internal topic: whatever the broker lists under the run's prefix
+or app id), with partition, offset, timestamp, key, value and headers.
 
-Writes OUTDIR/topics.json.gz and OUTDIR/report.json (format below, `FORMAT`).
+`--expire`: cases are kept 45 h of event time after their last event instead of 7 days
+(the sample spans 50 h), so the hourly sweep folds some: a partition record with a fold
+and an archive shard, and the folded cases' tombstones. (Shorter, 30 h or 40 h, and some
+re-engagements arrive after their earlier case expired: the FCR figures then differ from
+the worked example's.) A folded case no longer holds the offsets of its events, so its
+events read again would count again: the test resumes that capture at the committed
+offsets, as an upgrade does, and reads the other one again from the start.
+
+Writes OUTDIR/topics.json.gz and OUTDIR/report.json (format: `FORMAT`, `doc` below).
 """
 
 from __future__ import annotations
@@ -46,8 +57,8 @@ from typing import Any
 FORMAT = 1
 WORKERS = 2
 PARTITIONS = 4
-CASE_RETENTION_S = int(os.environ.get("CAPTURE_CASE_RETENTION_S", 7 * 86_400))
-BATCH_MAX = int(os.environ.get("CAPTURE_BATCH_MAX", 4000))
+BATCH_MAX = 250  # several batch markers per partition record, cases written several times
+EXPIRE_CASE_RETENTION_S = 45 * 3600  # --expire (docstring)
 HERE = Path(__file__).resolve().parent
 TESTS_DATA = HERE.parent
 SAMPLE = TESTS_DATA / "sample" / "events.jsonl"
@@ -139,7 +150,7 @@ def load_compare() -> Any:
     return module
 
 
-async def capture(out_dir: Path, work: Path) -> None:
+async def capture(out_dir: Path, work: Path, expire: bool) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
 
     import streams
@@ -149,8 +160,10 @@ async def capture(out_dir: Path, work: Path) -> None:
     from streams.replay import (
         REPLAY_WINDOW_RETENTION_S,
         Cluster,
+        committed,
         create_topics,
         gather_aggregates,
+        group_offsets,
         isolated,
         load_lines,
         read_lines,
@@ -159,6 +172,7 @@ async def capture(out_dir: Path, work: Path) -> None:
     from streams.security import kafka_client_kwargs
 
     code = frozen_code_root()
+    case_retention_s = EXPIRE_CASE_RETENTION_S if expire else Settings().case_retention_s
     lines = read_lines(SAMPLE)
     run = uuid.uuid4().hex[:8]
     started = time.monotonic()
@@ -166,7 +180,7 @@ async def capture(out_dir: Path, work: Path) -> None:
         settings = isolated(
             Settings().with_overrides(
                 partitions=PARTITIONS, window_retention_s=REPLAY_WINDOW_RETENTION_S,
-                case_retention_s=CASE_RETENTION_S, batch_max=BATCH_MAX,
+                case_retention_s=case_retention_s, batch_max=BATCH_MAX,
                 data_dir=str(work / "data"),
             ).for_embedded(broker.bootstrap),
             run,
@@ -185,6 +199,11 @@ async def capture(out_dir: Path, work: Path) -> None:
                                   settings.report_window_s)
         finally:
             cluster.stop()
+        # Where the stopped group left its topics: an upgraded worker resumes there.
+        async with group_offsets(settings.bootstrap_servers, settings.app_id,
+                                 client) as consumer:
+            group = {topic: await committed(consumer, topic, settings.partitions)
+                     for topic in (settings.events_topic, settings.links_topic)}
         print(f"processed in {time.monotonic() - started:.0f}s; workers stopped", flush=True)
         mismatches: list[str] = []
         load_compare().walk(json.loads(EXPECTED_REPORT.read_text()), report, "", mismatches,
@@ -209,6 +228,22 @@ async def capture(out_dir: Path, work: Path) -> None:
             counts = {p: len(rows) for p, rows in topics[topic].items()}
             print(f"{topic}: {counts}", flush=True)
 
+    # What the settings above are for: check the capture holds it.
+    records = topics[f"{settings.app_id}-partitions-changelog"]
+    folds = [json.loads(base64.b64decode(row[3])).get("fold_id", 0)
+             for rows in records.values() for row in rows
+             if row[3] is not None and int(base64.b64decode(row[2])) >= 0]
+    tombstones = sum(row[3] is None for rows in topics[f"{settings.app_id}-cases-changelog"]
+                     .values() for row in rows)
+    markers = max(len(rows) for rows in records.values())
+    if markers < 2 or (max(folds) > 0) != expire or bool(tombstones) != expire:
+        sys.exit(f"folds {max(folds)}, expired cases {tombstones}, batches per partition "
+                 f"{markers}: not what the settings are for, run again")
+    for topic, offsets in group.items():
+        short = {p: (offsets[p], len(rows)) for p, rows in topics[topic].items()
+                 if offsets[int(p)] != len(rows)}
+        assert not short, f"{topic}: committed offsets short of the end {short}"
+
     named = ("app_id", "events_topic", "dlq_topic", "links_topic", "annotation_topic",
              "windows_topic", "repartition_topic", "partitioner", "partitions",
              "window_sizes_s", "window_grace_s", "window_retention_s", "case_retention_s",
@@ -217,7 +252,8 @@ async def capture(out_dir: Path, work: Path) -> None:
     doc = {
         "format": FORMAT,
         "about": "Every record of every topic of one replay run of tests/data/sample/"
-                 "events.jsonl (2 workers, 4 partitions, embedded broker), written by the "
+                 "events.jsonl (2 workers, 4 partitions, embedded broker"
+                 + (", cases expiring after 45 h" if expire else "") + "), written by the "
                  "commit below through tests/data/upgrade/capture.py. Never regenerate it "
                  "with newer code: tests/test_upgrade.py recovers it with the current code.",
         "written_by": {
@@ -235,6 +271,10 @@ async def capture(out_dir: Path, work: Path) -> None:
         "workers": WORKERS,
         "settings": {name: getattr(settings, name) for name in named},
         "produced_ends": {str(p): end for p, end in sorted(ends.items())},
+        "expired_cases": tombstones,
+        # The group's committed offsets once the workers stopped (each topic's end).
+        "committed": {topic: {str(p): offset for p, offset in sorted(offsets.items())}
+                      for topic, offsets in group.items()},
         "record_fields": ["offset", "timestamp_ms", "key_b64", "value_b64",
                           "headers [[name, value_b64]]"],
         "topics": topics,
@@ -248,15 +288,18 @@ async def capture(out_dir: Path, work: Path) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
+    args = sys.argv[1:]
+    expire = "--expire" in args
+    args = [arg for arg in args if arg != "--expire"]
+    if len(args) != 1:
         sys.exit(__doc__)
-    out_dir = Path(sys.argv[1]).resolve()
+    out_dir = Path(args[0]).resolve()
     frozen_code_root()
     work = Path(tempfile.mkdtemp(prefix="acsr-capture-"))
     # Workers run `python -m streams.cli`, which puts the working directory first on
     # sys.path: an empty one, so they import PYTHONPATH's (the old) code, as we do.
     os.chdir(work)
-    asyncio.run(capture(out_dir, work))
+    asyncio.run(capture(out_dir, work, expire))
     shutil.rmtree(work)  # kept (worker logs) when the capture failed
 
 
