@@ -6,12 +6,12 @@ items and closed windows that the old code wrote, and reads the events topic, th
 the output topics the old code left. `tests/data/upgrade/topics.json.gz` holds every record
 of every topic of one run of the worked example (2 workers, 4 partitions, embedded broker):
 events, dead letters, links, annotation queue, closed windows and each Faust changelog
-(cases, partition records, the window tables), and `report.json` the report those workers'
-tables gave; `tests/data/upgrade/expiry/` the same for a run whose cases expire. They were
-written by the code before
-streams/ was split into sub-packages (commit 5b22a3a), by `tests/data/upgrade/capture.py`
-run against a worktree of that commit. Never regenerate them with newer code: a capture
-written by the code under test proves nothing about the data users already have.
+(cases, partition records, the window tables), and `expected-report.json` the report those
+workers' tables gave; `tests/data/upgrade/expiry/` the same for a run whose cases expire.
+They were written by the code before streams/ was split into sub-packages (commit 5b22a3a),
+by `tests/data/upgrade/capture.py` run against a worktree of that commit. Never regenerate
+them with newer code: a capture written by the code under test proves nothing about the
+data users already have.
 
 The test writes every captured record back, to topics renamed for a run of its own, at its
 own partition and offset, then starts ONE worker of the current code on them, which
@@ -82,7 +82,7 @@ def _decode(text: str | None) -> bytes | None:
 def load_capture(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     doc = json.loads(gzip.decompress((folder / "topics.json.gz").read_bytes()))
     assert doc["format"] == 1
-    return doc, json.loads((folder / "report.json").read_text())
+    return doc, json.loads((folder / "expected-report.json").read_text())
 
 
 def renamed(doc: dict[str, Any], settings: Settings) -> dict[str, str]:

@@ -112,9 +112,15 @@ def use_uvloop() -> None:
 def run_worker(settings: Settings) -> int:
     from faust.worker import Worker
 
+    from streams.faust_patches import FaustPatchError, self_check
     from streams.kafka.security import kafka_client_kwargs
     from streams.worker.app import build_app
 
+    try:
+        self_check()  # before anything else: never run unpatched
+    except FaustPatchError as err:
+        print(f"acsr-metrics: {err}", file=sys.stderr)
+        return 4
     use_uvloop()
     loop = asyncio.new_event_loop()
     try:

@@ -23,17 +23,9 @@ from streams import __version__
 from streams.config import Settings
 from streams.core.cases import SECOND_US, WindowPolicy
 from streams.core.ledger import BatchPlan, Ledger
-from streams.faust_patches.fixes import (
-    Deliveries,
-    commit_only_contiguous,
-    complete_flushes,
-    keep_seeks_over_stale_reads,
-    keep_uncommitted,
-    seek_uncommitted_to_beginning,
-    stop_when_offsets_vanish,
-)
-from streams.faust_patches.handover import hand_over_eagerly
-from streams.faust_patches.tables import AcknowledgedTable, ends_from_fetches, writes_on
+from streams.faust_patches import Deliveries, install_all
+from streams.faust_patches.fixes import keep_uncommitted
+from streams.faust_patches.tables import AcknowledgedTable, writes_on
 from streams.kafka.reader import OutputTopicError
 from streams.kafka.security import faust_credentials, kafka_client_kwargs
 from streams.metrics.exporter import LabelBounds, WorkerView, build_registry
@@ -119,13 +111,6 @@ def faust_app(settings: Settings) -> faust.App:
 def install_patches(app: faust.App, settings: Settings) -> Deliveries:
     """Faust's consumer and producer as the batch protocol needs them
     (streams/faust_patches/); the agents check each record's order with the result."""
-    complete_flushes(app.producer)  # offsets are committed only after every table write
-    seek_uncommitted_to_beginning(app.consumer)  # no record skipped after a rebalance
-    # nor records re-fetched after one
-    deliveries = keep_seeks_over_stale_reads(
-        app.consumer, {settings.events_topic, settings.cases_topic, settings.links_topic})
-    commit_only_contiguous(app.consumer)  # a commit never passes an unprocessed record
-    hand_over_eagerly(app.consumer)  # no tasks per fetched record
 
     async def stop_on_lost_offsets(lost: list[Any]) -> None:
         err = BrokerStateLost(
@@ -139,11 +124,11 @@ def install_patches(app: faust.App, settings: Settings) -> Deliveries:
         await app.crash(err)
         raise err
 
-    stop_when_offsets_vanish(app.consumer, stop_on_lost_offsets)
-    if settings.tansu:  # changelog writes in normal producer batches (faust_patches/tables.py)
-        ends_from_fetches(app.consumer, settings.bootstrap_servers,
-                          kafka_client_kwargs(settings))
-    return deliveries
+    return install_all(
+        app, {settings.events_topic, settings.cases_topic, settings.links_topic},
+        stop_on_lost_offsets,
+        # changelog writes in normal producer batches (faust_patches/tables.py)
+        (settings.bootstrap_servers, kafka_client_kwargs(settings)) if settings.tansu else None)
 
 
 class Worker:

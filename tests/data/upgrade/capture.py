@@ -31,7 +31,8 @@ the worked example's.) A folded case no longer holds the offsets of its events, 
 events read again would count again: the test resumes that capture at the committed
 offsets, as an upgrade does, and reads the other one again from the start.
 
-Writes OUTDIR/topics.json.gz and OUTDIR/report.json (format: `FORMAT`, `doc` below).
+Writes OUTDIR/topics.json.gz (format: `FORMAT`, `doc` below) and OUTDIR/expected-report.json
+(not `report.json`: .gitignore leaves out `report*.json`).
 """
 
 from __future__ import annotations
@@ -283,8 +284,10 @@ async def capture(out_dir: Path, work: Path, expire: bool) -> None:
     raw = json.dumps(doc, separators=(",", ":")).encode()
     # mtime=0: the same capture gives the same bytes.
     (out_dir / "topics.json.gz").write_bytes(gzip.compress(raw, 9, mtime=0))
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {out_dir}/topics.json.gz ({len(raw):,} bytes of JSON) and report.json")
+    (out_dir / "expected-report.json").write_text(
+        json.dumps(report, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {out_dir}/topics.json.gz ({len(raw):,} bytes of JSON) and "
+          "expected-report.json")
 
 
 def main() -> None:

@@ -1,0 +1,103 @@
+"""The start-up self-check: the installed Faust and aiokafka still are what the patches of
+this folder were written and tested against.
+
+A patch replaces a method that Faust calls from elsewhere; if a new Faust release stops
+calling it, the patch silently does nothing and the figures stop being exact. So each
+patch names the Faust code it relies on (a method, and what that method must still do),
+and the worker refuses to start when one is gone. On an upgrade, the message names the
+patch and its test to run again (README.md in this folder).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from importlib import import_module, metadata
+
+# The versions every patch is tested with (pinned in pyproject.toml).
+TESTED_VERSIONS = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0", "mode-streaming": "0.7.1"}
+
+
+class FaustPatchError(RuntimeError):
+    """Faust or aiokafka is not what the patches rely on: the worker does not start."""
+
+
+@dataclass(frozen=True)
+class Reliance:
+    """`caller` (module:Class.method) must still contain `calls`, for `patch` to work."""
+
+    patch: str
+    caller: str
+    calls: str
+    test: str
+
+    def holds(self) -> bool:
+        module, _, path = self.caller.partition(":")
+        target: object = import_module(module)
+        try:
+            for name in path.split("."):
+                target = getattr(target, name)
+            target = getattr(target, "fun", target)  # a mode Service.task wraps its function
+            source = inspect.getsource(target)  # type: ignore[arg-type]
+        except (AttributeError, OSError, TypeError):
+            return False
+        return self.calls in source
+
+
+CONSUMER = "faust.transport.consumer:Consumer"
+RELIANCES = (
+    Reliance("complete_flushes", "faust.transport.producer:ProducerBuffer._handle_pending",
+             "self._send_pending", "tests/test_faust_patches.py"),
+    Reliance("seek_uncommitted_to_beginning", f"{CONSUMER}.perform_seek",
+             "self.seek_to_committed()", "tests/test_faust_patches.py"),
+    Reliance("keep_seeks_over_stale_reads", f"{CONSUMER}._drain_messages", "self.getmany",
+             "tests/test_faust_fixes.py"),
+    Reliance("keep_seeks_over_stale_reads", f"{CONSUMER}._drain_messages", "self._add_gap(",
+             "tests/test_faust_fixes.py"),
+    Reliance("keep_seeks_over_stale_reads", f"{CONSUMER}.perform_seek", "self._read_offset",
+             "tests/test_faust_fixes.py"),
+    Reliance("commit_only_contiguous", f"{CONSUMER}._filter_committable_offsets",
+             "self._new_offset(", "tests/test_faust_fixes.py"),
+    Reliance("stop_when_offsets_vanish", f"{CONSUMER}._commit_offsets", "self._commit(",
+             "tests/test_faust_fixes.py"),
+    Reliance("hand_over_eagerly", f"{CONSUMER}._drain_messages", "self.wait_first(",
+             "tests/test_faust_handover.py"),
+    Reliance("ends_from_fetches", "faust.tables.recovery:Recovery._build_highwaters",
+             "consumer.highwaters(", "tests/test_faust_batches.py"),
+    Reliance("AcknowledgedTable", "faust.tables.table:Table.on_key_set", "self.send_changelog(",
+             "tests/test_faust_batches.py"),
+    Reliance("AcknowledgedTable", "faust.tables.table:Table.on_key_del", "self.send_changelog(",
+             "tests/test_faust_batches.py"),
+    Reliance("writes_on", "faust.tables.base:Collection.partition_for_key", "current_event()",
+             "tests/test_faust_batches.py"),
+    Reliance("writes_on", "faust.streams:current_event", "_current_event.get(",
+             "tests/test_faust_batches.py"),
+)
+
+
+def problems(reliances: tuple[Reliance, ...] = RELIANCES) -> list[str]:
+    """What is not as the patches expect, one sentence each (empty: all is well)."""
+    found = []
+    for package, tested in TESTED_VERSIONS.items():
+        try:
+            installed = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            installed = "none"
+        if installed != tested:
+            found.append(f"{package} {installed} is installed, the patches are tested with "
+                         f"{tested} (pinned in pyproject.toml): install {package}=={tested}, "
+                         "or re-test every patch (streams/faust_patches/README.md)")
+    for reliance in reliances:
+        if not reliance.holds():
+            found.append(f"patch {reliance.patch} relies on {reliance.caller} calling "
+                         f"{reliance.calls!r}, which it no longer does: re-test it "
+                         f"({reliance.test}) and adapt it to this Faust")
+    return found
+
+
+def self_check() -> None:
+    """Raise FaustPatchError naming every broken reliance: never run unpatched."""
+    found = problems()
+    if found:
+        raise FaustPatchError("Faust is not what acsr-metrics' patches rely on, so the "
+                              "worker does not start:\n- " + "\n- ".join(found))
