@@ -44,35 +44,27 @@ class Reliance:
         return self.calls in source
 
 
-CONSUMER = "faust.transport.consumer:Consumer"
-RELIANCES = (
-    Reliance("complete_flushes", "faust.transport.producer:ProducerBuffer._handle_pending",
-             "self._send_pending", "tests/test_faust_patches.py"),
-    Reliance("seek_uncommitted_to_beginning", f"{CONSUMER}.perform_seek",
-             "self.seek_to_committed()", "tests/test_faust_patches.py"),
-    Reliance("keep_seeks_over_stale_reads", f"{CONSUMER}._drain_messages", "self.getmany",
-             "tests/test_faust_fixes.py"),
-    Reliance("keep_seeks_over_stale_reads", f"{CONSUMER}._drain_messages", "self._add_gap(",
-             "tests/test_faust_fixes.py"),
-    Reliance("keep_seeks_over_stale_reads", f"{CONSUMER}.perform_seek", "self._read_offset",
-             "tests/test_faust_fixes.py"),
-    Reliance("commit_only_contiguous", f"{CONSUMER}._filter_committable_offsets",
-             "self._new_offset(", "tests/test_faust_fixes.py"),
-    Reliance("stop_when_offsets_vanish", f"{CONSUMER}._commit_offsets", "self._commit(",
-             "tests/test_faust_fixes.py"),
-    Reliance("hand_over_eagerly", f"{CONSUMER}._drain_messages", "self.wait_first(",
-             "tests/test_faust_handover.py"),
-    Reliance("ends_from_fetches", "faust.tables.recovery:Recovery._build_highwaters",
-             "consumer.highwaters(", "tests/test_faust_batches.py"),
-    Reliance("AcknowledgedTable", "faust.tables.table:Table.on_key_set", "self.send_changelog(",
-             "tests/test_faust_batches.py"),
-    Reliance("AcknowledgedTable", "faust.tables.table:Table.on_key_del", "self.send_changelog(",
-             "tests/test_faust_batches.py"),
-    Reliance("writes_on", "faust.tables.base:Collection.partition_for_key", "current_event()",
-             "tests/test_faust_batches.py"),
-    Reliance("writes_on", "faust.streams:current_event", "_current_event.get(",
-             "tests/test_faust_batches.py"),
-)
+C = "faust.transport.consumer:Consumer"
+PATCHES, FIXES = "tests/test_faust_patches.py", "tests/test_faust_fixes.py"
+HANDOVER, TABLES = "tests/test_faust_handover.py", "tests/test_faust_batches.py"
+# patch, the Faust code it relies on, what that code must still call, the patch's test
+RELIANCES = tuple(Reliance(*row) for row in (
+    ("complete_flushes", "faust.transport.producer:ProducerBuffer._handle_pending",
+     "self._send_pending", PATCHES),
+    ("seek_uncommitted_to_beginning", f"{C}.perform_seek", "self.seek_to_committed()", PATCHES),
+    ("keep_seeks_over_stale_reads", f"{C}._drain_messages", "self.getmany", FIXES),
+    ("keep_seeks_over_stale_reads", f"{C}._drain_messages", "self._add_gap(", FIXES),
+    ("keep_seeks_over_stale_reads", f"{C}.perform_seek", "self._read_offset", FIXES),
+    ("commit_only_contiguous", f"{C}._filter_committable_offsets", "self._new_offset(", FIXES),
+    ("stop_when_offsets_vanish", f"{C}._commit_offsets", "self._commit(", FIXES),
+    ("hand_over_eagerly", f"{C}._drain_messages", "self.wait_first(", HANDOVER),
+    ("ends_from_fetches", "faust.tables.recovery:Recovery._build_highwaters",
+     "consumer.highwaters(", TABLES),
+    ("AcknowledgedTable", "faust.tables.table:Table.on_key_set", "self.send_changelog(", TABLES),
+    ("AcknowledgedTable", "faust.tables.table:Table.on_key_del", "self.send_changelog(", TABLES),
+    ("writes_on", "faust.tables.base:Collection.partition_for_key", "current_event()", TABLES),
+    ("writes_on", "faust.streams:current_event", "_current_event.get(", TABLES),
+))
 
 
 def problems(reliances: tuple[Reliance, ...] = RELIANCES) -> list[str]:
