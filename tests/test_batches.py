@@ -267,3 +267,17 @@ def test_a_redelivered_invalid_message_is_neither_counted_nor_dead_lettered_agai
 
 def _invalid(agg: Aggregate) -> int:
     return sum(count for (name, _), count in agg.pipeline.items() if name == "invalid")
+
+
+def test_a_link_that_fails_is_counted_and_the_count_survives_a_rebuild(
+        raw: list[tuple[int, bytes]]) -> None:
+    worker = Worker().feed(raw[:50], [])
+    broken = SimpleNamespace(partition=0, offset=7, value=b"{not json")
+    asyncio.run(worker.processor().apply_link(broken))
+    asyncio.run(worker.processor().apply_link(broken))
+
+    def link_errors(agg: Aggregate) -> int:
+        return agg.pipeline.get(("processing_error", "link"), 0)
+
+    assert link_errors(worker.figures()) == 2
+    assert link_errors(Worker(worker.cases, worker.records).figures()) == 2

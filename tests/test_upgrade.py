@@ -60,9 +60,10 @@ POLL_MS = 200
 
 
 def _module(*names: str) -> ModuleType:
-    """The first of `names` that exists: a module's name since the split of streams/ into
-    sub-packages, then before it (so this file also runs on the commit that wrote the
-    capture, which shows the capture itself is sound)."""
+    """The first of `names` that exists: a module's name before the split of streams/ into
+    sub-packages, then since it. So this file also runs on the commit that wrote the
+    capture (which shows the capture itself is sound); the old name comes first because the
+    virtualenv's editable install would find a new name in /work/main even then."""
     for name in names:
         try:
             return importlib.import_module(name)
@@ -72,8 +73,8 @@ def _module(*names: str) -> ModuleType:
     raise ModuleNotFoundError(f"none of {names}")
 
 
-replay = _module("streams.tools.replay", "streams.replay")
-kpis = _module("streams.core.kpis", "streams.kpis")
+replay = _module("streams.replay", "streams.tools.replay")
+kpis = _module("streams.kpis", "streams.core.kpis")
 
 
 def _decode(text: str | None) -> bytes | None:

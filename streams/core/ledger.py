@@ -393,14 +393,24 @@ class Ledger:
         if record.offset >= offset:
             return False
         names = (counter,) if dead_lettered else (counter, kpis.DEAD_LETTER_FAILED)
+        record.offset = offset
+        self._count_in_record(records, partition, record, names, reason)
+        return True
+
+    def count_link_error(self, records: PartitionTable, partition: int) -> None:
+        """A link that could not be applied (a bug: links are our own messages), counted in
+        the partition record like an invalid message, so a rebuild keeps the count."""
+        record = PartitionRecord.from_bytes(records.get(partition))
+        self._count_in_record(records, partition, record, (kpis.PROCESSING_ERROR,), "link")
+
+    def _count_in_record(self, records: PartitionTable, partition: int,
+                         record: PartitionRecord, names: Iterable[str], reason: str) -> None:
         counters = record.counters()
         for name in names:
             counters.count(name, reason)
             self.aggregate(partition).count(name, reason)
         self._archive(records, partition, record, counters, self._empty())
-        record.offset = offset
         self._write_record(records, partition, record)
-        return True
 
     def _load(self, cases: CaseTable, partition: int, case_id: str, orphans: list[str]
               ) -> CaseState | None:

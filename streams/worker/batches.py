@@ -186,4 +186,4 @@ class BatchProcessor:
                 self.ledger.apply_link(self.cases, link["case_id"], partition, link["ts_us"])
         except Exception:  # only our own messages come here: a bug, never input
             log.exception("link failed (partition=%s, offset=%s)", partition, message.offset)
-            self.ledger.aggregate(partition).count(kpis.PROCESSING_ERROR, "link")
+            self.ledger.count_link_error(self.records, partition)
