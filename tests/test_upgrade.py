@@ -31,12 +31,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
-import importlib
 import json
 import time
 import uuid
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -44,6 +42,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streams.config import Settings
+from streams.core import kpis
+from streams.tools import replay
 
 from .conftest import DATA, BrokerInfo, report_mismatches
 
@@ -59,22 +59,6 @@ TOPIC_SETTINGS = ("events_topic", "dlq_topic", "links_topic", "annotation_topic"
 POLL_MS = 200
 
 
-def _module(*names: str) -> ModuleType:
-    """The first of `names` that exists: a module's name before the split of streams/ into
-    sub-packages, then since it. So this file also runs on the commit that wrote the
-    capture (which shows the capture itself is sound); the old name comes first because the
-    virtualenv's editable install would find a new name in /work/main even then."""
-    for name in names:
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if not (err.name and name.startswith(err.name)):
-                raise  # the module exists but an import inside it failed
-    raise ModuleNotFoundError(f"none of {names}")
-
-
-replay = _module("streams.replay", "streams.tools.replay")
-kpis = _module("streams.kpis", "streams.core.kpis")
 
 
 def _decode(text: str | None) -> bytes | None:

@@ -210,6 +210,13 @@ class Worker:
         if not self.recovering():
             self.processor.ensure_built(self.owned_partitions())
 
+    def rebuild(self) -> None:
+        """Every table was recovered (a start or a rebalance): derive the owned
+        partitions' state from them (Faust calls this before the recovery ends)."""
+        owned = self.owned_partitions()
+        self.ledger.rebuild(self.cases.items(), self.records.items(), owned)
+        self.windows.reload(owned)
+
     def forget(self, revoked: set[TP]) -> None:
         """Stop exposing a partition at once: its new owner exposes it from its tables."""
         gone = {tp.partition for tp in revoked if tp.topic == self.settings.cases_topic}
@@ -245,7 +252,8 @@ class Worker:
             "partitions": {str(p): {**agg.to_json(), "windows": self.windows.rows(p)}
                            for p, agg in sorted(aggregates.items())},
             "owned": sorted(owned),
-            "recovering": self.recovering() or set(aggregates) != owned,
+            "recovering": (self.recovering() or set(aggregates) != owned
+                           or not self.windows.built(owned)),
         }
 
 
@@ -293,10 +301,8 @@ def add_agents(app: faust.App, worker: Worker) -> None:
                                    if tp.topic == worker.settings.events_topic})
 
     @worker.cases.on_recover
-    async def rebuild_aggregates() -> None:
-        worker.ledger.rebuild(worker.cases.items(), worker.records.items(),
-                              worker.owned_partitions())
-        worker.build_owned()
+    async def rebuild() -> None:
+        worker.rebuild()
 
 
 def add_views(app: faust.App, registry: CollectorRegistry, worker: Worker) -> None:

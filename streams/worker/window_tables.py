@@ -90,7 +90,6 @@ class WindowTables:
                 # broker-side time retention could drop a window that is still open.
                 extra_topic_configs={"cleanup.policy": "compact"})
             app.tables.add(table)
-            table.on_recover(self._recovered)
             self.tables[size] = table
             self.windowed[size] = table.tumbling(size)  # no `expires`: see the module doc
         self.topic = app.topic(settings.windows_topic, partitions=settings.partitions,
@@ -123,9 +122,14 @@ class WindowTables:
             self.first_offsets.pop(partition, None)
             self.guards.pop(partition, None)
 
-    async def _recovered(self) -> None:
-        # Tables were recovered (start or rebalance): reload every view from them.
+    def reload(self, partitions: set[int]) -> None:
+        """Tables were recovered (a start or a rebalance): the views of these partitions
+        from them, and none of others."""
         self.partitions.clear()
+        self.build(partitions)
+
+    def built(self, partitions: set[int]) -> bool:
+        return partitions <= self.partitions.keys()
 
     def rows(self, partition: int) -> list[list[Any]]:
         """The partition's windows as `Aggregate.windows` JSON rows (for /kpis/)."""

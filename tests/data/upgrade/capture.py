@@ -2,11 +2,11 @@
 """Capture every topic of one replay run, written by the code on PYTHONPATH, for the
 stored-format upgrade test (tests/test_upgrade.py).
 
-    git worktree add /tmp/pre20 5b22a3a
-    cd /work/main
+    git worktree add /tmp/pre20 5b22a3a     # the code whose formats are to be kept
     PYTHONPATH=/tmp/pre20 .venv/bin/python tests/data/upgrade/capture.py tests/data/upgrade
     PYTHONPATH=/tmp/pre20 .venv/bin/python tests/data/upgrade/capture.py --expire \
         tests/data/upgrade/expiry
+    (from the repository's root)
 
 Run ONCE, with the code whose stored formats are to be kept readable (here 5b22a3a, the
 last commit before streams/ was split into sub-packages). Never run it again with newer
