@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from streams.core.events import format_ts, parse_ts
+from streams.core.state_bytes import sorted_json
 
 SCHEMA_VERSION = 1
 RANDOM_SAMPLE = "random_sample"
@@ -117,9 +118,7 @@ def build_item(case_id: str, reason: str, trigger: Mapping[str, Any], case: Case
     }
 
 
-def encode(item: Mapping[str, Any]) -> bytes:
-    return orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
-
+encode = sorted_json  # an item as it goes on the topic
 
 # A valid event may take up to 1 MiB; its item copies it (and an override's texts twice),
 # so an item can outgrow what the broker takes. Such an item is cut, never dropped.

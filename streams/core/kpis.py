@@ -200,12 +200,13 @@ class Aggregate:
 # --- figures --------------------------------------------------------------------------------
 
 
-def _ratio(numerator: float, denominator: float) -> float | None:
+def ratio(numerator: float, denominator: float) -> float | None:
+    """A ratio, or None where its denominator is zero (the report's `null`)."""
     return numerator / denominator if denominator else None
 
 
 def _mean(cell: list[float]) -> float | None:
-    return _ratio(cell[1], cell[0])
+    return ratio(cell[1], cell[0])
 
 
 class _Sums:
@@ -262,17 +263,17 @@ def figures(items: Iterable[tuple[str, tuple[str, ...], list[float]]]) -> dict[s
     return {
         "cases_concluded": concluded,
         **{outcome: s.n(CONCLUDED, outcome) for outcome in OUTCOMES},
-        "arr": _ratio(autonomous, concluded),
-        "escalation_rate": _ratio(escalated, concluded),
+        "arr": ratio(autonomous, concluded),
+        "escalation_rate": ratio(escalated, concluded),
         "escalations_by_reason": {r: int(c[0]) for r, c in s.by_label(ESCALATION)},
         "aht_seconds_mean": _mean(aht),
         "aht_count": int(aht[0]),
         "policy_checks": checks,
         "policy_checks_passed": passed,
-        "compliance_score": _ratio(passed, checks),
+        "compliance_score": ratio(passed, checks),
         "reopened_24h": s.n(REOPENED),
         "fcr_failures_24h": fcr_failures,
-        "fcr": _ratio(autonomous - fcr_failures, autonomous),
+        "fcr": ratio(autonomous - fcr_failures, autonomous),
         "csat_count": s.n(CSAT),
         "csat_mean": _mean(s.cell(CSAT)),
         "ces_count": s.n(CES),
@@ -280,10 +281,10 @@ def figures(items: Iterable[tuple[str, tuple[str, ...], list[float]]]) -> dict[s
         "thumbs_up": s.n(THUMBS, "up"),
         "thumbs_down": s.n(THUMBS, "down"),
         "overridden_cases": overridden,
-        "override_rate": _ratio(overridden, concluded),
+        "override_rate": ratio(overridden, concluded),
         "cost_usd_total": s.total(COST),
         "cost_usd_autonomous": cost_autonomous,
-        "cost_per_autonomous_resolution": _ratio(cost_autonomous, autonomous),
+        "cost_per_autonomous_resolution": ratio(cost_autonomous, autonomous),
         "response_latency_seconds_mean": _mean(s.cell(RESPONSE_LATENCY)),
         "fallback_responses": s.n(FALLBACK),
         "evaluations_by_name": {
@@ -293,7 +294,7 @@ def figures(items: Iterable[tuple[str, tuple[str, ...], list[float]]]) -> dict[s
         "actions_failed": s.n(ACTION, None, "failure"),
         "suggestions_reviewed": reviewed,
         "suggestions_adopted": adopted,
-        "adoption_rate": _ratio(adopted, reviewed),
+        "adoption_rate": ratio(adopted, reviewed),
         "knowledge_irrelevant": s.n(KNOWLEDGE, "irrelevant"),
         "knowledge_missing": s.n(KNOWLEDGE, "missing"),
         "annotation_routed": {r: int(c[0]) for r, c in s.by_label(ANNOTATION)},
@@ -319,10 +320,10 @@ def window_items(agg: Aggregate, size: int) -> list[dict[str, Any]]:
                 "cases_concluded": concluded,
                 "autonomous": autonomous,
                 "escalated": s.n(CONCLUDED, "escalated"),
-                "arr": _ratio(autonomous, concluded),
+                "arr": ratio(autonomous, concluded),
                 "policy_checks": checks,
                 "policy_checks_passed": passed,
-                "compliance_score": _ratio(passed, checks),
+                "compliance_score": ratio(passed, checks),
                 "aht_seconds_mean": _mean(s.cell(AHT)),
             }
         )

@@ -1,4 +1,4 @@
-"""Table values as compact JSON bytes."""
+"""Table values and output messages as compact JSON bytes."""
 
 from __future__ import annotations
 
@@ -20,3 +20,9 @@ def dump_state(value: Any) -> bytes:
     an 840-byte case), so 100k open cases held 843 MB instead of 105 MB.
     """
     return exact_size(orjson.dumps(value))
+
+
+def sorted_json(doc: Any) -> bytes:
+    """An output message (annotation item, closed window): keys sorted, so the same
+    content is the same bytes whoever sends it."""
+    return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)

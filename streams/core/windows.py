@@ -22,8 +22,8 @@ import orjson
 from streams.core import kpis
 from streams.core.cases import SECOND_US, WindowPolicy
 from streams.core.events import format_ts
-from streams.core.kpis import Fact
-from streams.core.state_bytes import dump_state
+from streams.core.kpis import Fact, ratio
+from streams.core.state_bytes import dump_state, sorted_json
 
 SCHEMA_VERSION = 1  # of the closed-window message; bump on any incompatible change
 FIGURES = frozenset({kpis.CONCLUDED, kpis.ESCALATION, kpis.AHT, kpis.POLICY_CHECK, kpis.CSAT})
@@ -40,10 +40,6 @@ class WindowKey(NamedTuple):
     @property
     def end(self) -> int:
         return self.start + self.size
-
-
-def ratio(numerator: float, denominator: float) -> float | None:
-    return numerator / denominator if denominator else None
 
 
 @dataclass
@@ -273,8 +269,7 @@ def closed_message(partition: int, key: WindowKey, cell: Cell, source: dict[str,
     }
 
 
-def encode(message: dict[str, Any]) -> bytes:
-    return orjson.dumps(message, option=orjson.OPT_SORT_KEYS)
+encode = sorted_json  # a closed window's message as it goes on the topic
 
 
 def aggregate_rows(cells: Iterable[tuple[WindowKey, Cell]]) -> list[list[Any]]:

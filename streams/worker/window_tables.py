@@ -56,7 +56,7 @@ WINDOW_REASON = "window"  # the resend guard's second key part for window messag
 LatestClosed = dict[int, list[tuple[WindowKey, Cell]]]
 
 
-def tail_record(record: ConsumerRecord) -> TailRecord | None:
+def window_tail_record(record: ConsumerRecord) -> TailRecord | None:
     """The resend guard's view of a window message (None for anything else)."""
     try:
         message = orjson.loads(record.value or b"")
@@ -215,7 +215,7 @@ class WindowTables:
             await self._ensure_topic()
             guard = self.guards[partition] = await load_guard(
                 self.settings.bootstrap_servers, self.settings.windows_topic, partition,
-                self.first_offsets[partition], self.client, parse=tail_record)
+                self.first_offsets[partition], self.client, parse=window_tail_record)
         return guard
 
     async def _ensure_topic(self) -> None:
