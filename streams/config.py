@@ -156,6 +156,15 @@ class Settings:
                 self.source_times_topic: self.partitions}
 
     @property
+    def topics(self) -> dict[str, int]:
+        """Every topic the processor reads or writes besides Faust's changelogs, with its
+        partition count: the events topic's for all, since a case's links, annotation items
+        and closed windows go to the partition number of its events."""
+        names = (self.events_topic, self.links_topic, self.dlq_topic, self.annotation_topic,
+                 self.windows_topic)
+        return {**dict.fromkeys(names, self.partitions), **self.rekeying_topics}
+
+    @property
     def cases_topic(self) -> str:
         """The topic whose partitions hold the cases: the events topic, or the re-keyed one."""
         return self.repartition_topic if self.repartitions else self.events_topic

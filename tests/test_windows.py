@@ -87,11 +87,9 @@ class Driver:
         except InvalidEvent:
             return
         windows = self.windows.setdefault(partition, PartitionWindows(partition, self.rules))
-        before = self.ledger.watermarks.get(partition)
         plan = self.ledger.plan_batch(self.cases, {}, partition, [(offset, event)])
         for applied in plan.applied:
-            windows.fold(offset, event.ts_us, self.rules.late_sizes(event.ts_us, before),
-                         applied.step.facts)
+            windows.fold(offset, event.ts_us, applied.step.late, applied.step.facts)
             self.fact_windows.add_facts(applied.step.facts)
         self.ledger.commit_batch(self.cases, plan)
         watermark = self.ledger.watermarks.get(partition)
@@ -176,7 +174,7 @@ def test_a_window_is_closed_exactly_when_an_event_for_it_is_late(
 ) -> None:
     rules = WindowRules(WindowPolicy(sizes_s=sizes, grace_s=grace), retention_s=10 * 86_400)
     watermark = ts_us + delta_us
-    late = rules.late_sizes(ts_us, watermark)
+    late = rules.policy.late_sizes(ts_us, watermark)
     for size in sizes:
         closed = watermark > rules.closes_after_us(size, window_start(ts_us, size))
         assert (size in late) is closed

@@ -261,6 +261,9 @@ class Step:
     routes: list[Route] = field(default_factory=list)
     duplicate: bool = False
     sample_rate: float = 0.0  # share of autonomous resolutions routed as random_sample
+    # Window sizes whose window for this event had closed when it arrived: decided here
+    # once, for the facts' windows and the `late` count alike.
+    late: tuple[int, ...] = ()
 
     def fact(self, name: str, *labels: str, value: float = 1.0, ts_us: int | None = None,
              late: tuple[int, ...] = ()) -> None:
@@ -312,7 +315,8 @@ def apply_event(
         del state.seen[0]
     step.count(kpis.EVENT, event.type)
 
-    late = () if watermark_us is None else windows.late_sizes(event.ts_us, watermark_us)
+    late = step.late = (() if watermark_us is None
+                        else windows.late_sizes(event.ts_us, watermark_us))
     state.watermark_us = event.ts_us if watermark_us is None else max(watermark_us, event.ts_us)
     if state.outcome is None:
         state.opened_us = event.ts_us if state.opened_us is None else min(

@@ -124,10 +124,6 @@ class WindowRules:
     def sizes(self) -> tuple[int, ...]:
         return self.policy.sizes_s
 
-    def late_sizes(self, ts_us: int, watermark_us: int | None) -> tuple[int, ...]:
-        """Sizes whose window holding `ts_us` was closed before the event arrived."""
-        return () if watermark_us is None else self.policy.late_sizes(ts_us, watermark_us)
-
     def closes_after_us(self, size: int, start: int) -> int:
         """The window is closed once the partition's event time is above this: exactly
         when an event for it would be late (`WindowPolicy.late_sizes`)."""

@@ -322,14 +322,8 @@ def isolated(settings: Settings, run: str) -> Settings:
 
 
 async def create_topics(settings: Settings) -> None:
-    await ensure_topics(settings.bootstrap_servers, {
-        settings.events_topic: settings.partitions,
-        settings.links_topic: settings.partitions,
-        **settings.rekeying_topics,
-        settings.dlq_topic: settings.partitions,
-        settings.annotation_topic: settings.partitions,  # item partition = event partition
-        settings.windows_topic: settings.partitions,  # same rule for closed windows
-    }, settings.replication_factor, settings.broker_wait_s, kafka_client_kwargs(settings))
+    await ensure_topics(settings.bootstrap_servers, settings.topics, settings.replication_factor,
+                        settings.broker_wait_s, kafka_client_kwargs(settings))
 
 
 # Sends the lines to the events topic; returns the end offset of every partition.

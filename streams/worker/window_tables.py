@@ -165,10 +165,8 @@ class WindowTables:
         windows = self._session(partition, plan.first)
         changed: set[WindowKey] = set()
         for applied in plan.applied:
-            ts_us = applied.event.ts_us
-            late = (() if applied.watermark_us is None
-                    else self.rules.late_sizes(ts_us, applied.watermark_us))
-            changed.update(windows.fold(applied.offset, ts_us, late, applied.step.facts))
+            changed.update(windows.fold(applied.offset, applied.event.ts_us, applied.step.late,
+                                        applied.step.facts))
         for key in changed:
             self._write(partition, key, windows.cells[key])
 
