@@ -105,6 +105,23 @@ class Cell:
             "csat_mean": ratio(self.csat_sum, self.csat_count),
         }
 
+    @classmethod
+    def summed(cls, cells: Iterable[Cell]) -> Cell:
+        """The counters of `cells` added up (marks left unset)."""
+        total = cls()
+        for cell in cells:
+            for outcome, n in cell.outcomes.items():
+                total.outcomes[outcome] = total.outcomes.get(outcome, 0) + n
+            for reason, n in cell.escalations.items():
+                total.escalations[reason] = total.escalations.get(reason, 0) + n
+            total.aht_count += cell.aht_count
+            total.aht_sum += cell.aht_sum
+            total.checks += cell.checks
+            total.passed += cell.passed
+            total.csat_count += cell.csat_count
+            total.csat_sum += cell.csat_sum
+        return total
+
     def to_bytes(self) -> bytes:
         return dump_state(self.__dict__)
 
@@ -314,21 +331,12 @@ GAUGES: tuple[tuple[str, str, str], ...] = (
 
 def gauge_values(cells: Iterable[Cell]) -> dict[str, float | None]:
     """The gauges of one label set: components summed, ratios from the sums."""
-    total = Cell()
-    for cell in cells:
-        for outcome, n in cell.outcomes.items():
-            total.outcomes[outcome] = total.outcomes.get(outcome, 0) + n
-        total.aht_count += cell.aht_count
-        total.aht_sum += cell.aht_sum
-        total.checks += cell.checks
-        total.passed += cell.passed
-    return {
-        "compliance": ratio(total.passed, total.checks),
-        "arr": ratio(total.autonomous, total.concluded),
-        "aht": ratio(total.aht_sum, total.aht_count),
-        "checks": total.checks,
-        "passed": total.passed,
-        "concluded": total.concluded,
-        "autonomous": total.autonomous,
-        "aht_sum": total.aht_sum,
-    }
+    figures = Cell.summed(cells).figures()
+    return {gauge: figures[figure] for gauge, figure in GAUGE_FIGURES.items()}
+
+
+# gauge_values' names for a cell's figures
+GAUGE_FIGURES = {"compliance": "compliance_score", "arr": "arr", "aht": "aht_seconds_mean",
+                 "checks": "policy_checks", "passed": "policy_checks_passed",
+                 "concluded": "cases_concluded", "autonomous": "autonomous",
+                 "aht_sum": "aht_seconds_sum"}
