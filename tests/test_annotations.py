@@ -29,10 +29,10 @@ from streams.core.annotations import (
     sample_point,
     sampled,
 )
-from streams.core.cases import WindowPolicy
 from streams.core.events import parse_event
 from streams.core.kpis import Aggregate, Fact
 from streams.core.ledger import RECORD_LIMIT, Ledger
+from streams.core.windows import WindowPolicy
 from streams.metrics.exporter import LabelBounds, WorkerView, build_registry
 
 TS = 1_795_352_400_000

@@ -16,10 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streams.core.annotations import ResendGuard
-from streams.core.cases import SECOND_US, WindowPolicy
 from streams.core.events import READER_CLOCK, InvalidEvent, parse_event
 from streams.core.kpis import Aggregate
 from streams.core.ledger import BatchPlan, Ledger, Parsed
+from streams.core.units import SECOND_US
+from streams.core.windows import WindowPolicy
 from streams.kafka.partitioners import MURMUR2, CaseRouting
 from streams.worker.batches import BatchProcessor
 

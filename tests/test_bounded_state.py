@@ -19,18 +19,17 @@ from streams.config import ConfigError, from_env
 from streams.core import archive
 from streams.core import ledger as ledger_module
 from streams.core.cases import (
-    DAY_US,
     FAILED_ACTION_MEMORY,
-    SECOND_US,
     TIME_MEMORY,
     CaseState,
-    WindowPolicy,
     related_case,
     remember_time,
 )
 from streams.core.events import InvalidEvent, parse_event
 from streams.core.kpis import Aggregate, build_report
 from streams.core.ledger import RECORD_LIMIT, Ledger, PartitionRecord, RecordTooLarge
+from streams.core.units import DAY_US, SECOND_US
+from streams.core.windows import WindowPolicy
 
 from .conftest import report_mismatches
 from .loop_traffic import mixed

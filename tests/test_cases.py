@@ -12,16 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.core.cases import (
-    CaseState,
-    Route,
-    WindowPolicy,
-    apply_event,
-    apply_link,
-    related_case,
-)
+from streams.core.cases import CaseState, Route, apply_event, apply_link, related_case
 from streams.core.events import parse_event
 from streams.core.kpis import Aggregate, build_report, figures, window_items
+from streams.core.windows import WindowPolicy
 
 T0_MS = 1_795_352_400_000  # 2026-11-22T13:00:00Z
 SEC = 1000

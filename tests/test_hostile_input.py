@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from streams.config import Settings
 from streams.core import kpis
-from streams.core.cases import SECOND_US, WindowPolicy, related_case
+from streams.core.cases import related_case
 from streams.core.events import (
     EVENT_TYPES,
     INVALID_REASONS,
@@ -39,6 +39,8 @@ from streams.core.events import (
 )
 from streams.core.kpis import Aggregate, build_report
 from streams.core.ledger import Ledger
+from streams.core.units import SECOND_US
+from streams.core.windows import WindowPolicy
 from streams.tools.replay import (
     Cluster,
     create_topics,

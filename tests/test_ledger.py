@@ -7,10 +7,12 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from streams.core.cases import SECOND_US, WindowPolicy, related_case
+from streams.core.cases import related_case
 from streams.core.events import InvalidEvent, parse_event
 from streams.core.kpis import Aggregate, build_report
 from streams.core.ledger import Ledger, Origin
+from streams.core.units import SECOND_US
+from streams.core.windows import WindowPolicy
 
 from .conftest import report_mismatches
 

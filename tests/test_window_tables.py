@@ -15,9 +15,8 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from streams.config import Settings
-from streams.core.cases import WindowPolicy
 from streams.core.kpis import build_report
-from streams.core.windows import WindowRules, closed_message, encode, message_key
+from streams.core.windows import WindowPolicy, WindowRules, closed_message, encode, message_key
 from streams.kafka.publisher import producer_options
 from streams.kafka.reader import high_watermarks, partition_count, read_range, reader
 from streams.tools.replay import (

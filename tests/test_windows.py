@@ -13,15 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams.config import ConfigError, Settings, from_env
-from streams.core.cases import SECOND_US, WindowPolicy
 from streams.core.events import InvalidEvent, parse_event
 from streams.core.kpis import Aggregate, Fact, window_start
 from streams.core.ledger import Ledger
+from streams.core.units import SECOND_US
 from streams.core.windows import (
     SCHEMA_VERSION,
     Cell,
     PartitionWindows,
     WindowKey,
+    WindowPolicy,
     WindowRules,
     aggregate_rows,
     closed_message,

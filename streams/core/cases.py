@@ -19,9 +19,9 @@ from streams.core.annotations import RANDOM_SAMPLE, CaseView, sampled
 from streams.core.events import DIMENSIONS, Event, format_ts, normalise_reason
 from streams.core.kpis import UNKNOWN, Aggregate, Fact
 from streams.core.state_bytes import dump_state
+from streams.core.units import DAY_US, SECOND_US
+from streams.core.windows import WindowPolicy
 
-DAY_US = 86_400_000_000
-SECOND_US = 1_000_000
 DUPLICATE_MEMORY = 1000  # event ids a case remembers, the last counted (KPIS.md)
 # What else a case remembers is capped too (docs/architecture.md, Bounded state):
 FAILED_ACTION_MEMORY = 1000  # action names whose last execution failed (as digests)
@@ -91,23 +91,6 @@ def decode_figures(doc: dict[str, Any]) -> Aggregate:
     for n, lb, d, b in doc["histograms"]:
         agg.histograms[(n, tuple(lb), dims[d])] = b
     return agg
-
-
-@dataclass(frozen=True)
-class WindowPolicy:
-    """Event-time tumbling windows: sizes in seconds and the grace before one closes."""
-
-    sizes_s: tuple[int, ...] = (60, 3600)
-    grace_s: int = 600
-
-    def late_sizes(self, ts_us: int, watermark_us: int) -> tuple[int, ...]:
-        """Sizes whose window holding `ts_us` closed before this event arrived."""
-        late = []
-        for size in self.sizes_s:
-            end_us = (kpis.window_start(ts_us, size) + size) * SECOND_US
-            if watermark_us > end_us + self.grace_s * SECOND_US:
-                late.append(size)
-        return tuple(late)
 
 
 @dataclass

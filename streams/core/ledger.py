@@ -22,10 +22,8 @@ from streams.core import archive, kpis
 from streams.core.annotations import CaseView
 from streams.core.archive import RecordTooLarge, checked, key_partition
 from streams.core.cases import (
-    SECOND_US,
     CaseState,
     Step,
-    WindowPolicy,
     apply_event,
     apply_link,
     decode_figures,
@@ -38,6 +36,8 @@ from streams.core.cases import (
 from streams.core.events import Event, InvalidEvent
 from streams.core.kpis import Aggregate
 from streams.core.state_bytes import dump_state
+from streams.core.units import SECOND_US
+from streams.core.windows import WindowPolicy
 
 SWEEP_EVERY_US = 3600 * SECOND_US
 # Kafka refuses a record over message.max.bytes (1,048,588 by default, key and headers

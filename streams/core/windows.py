@@ -20,10 +20,10 @@ from typing import Any, NamedTuple
 import orjson
 
 from streams.core import kpis
-from streams.core.cases import SECOND_US, WindowPolicy
 from streams.core.events import format_ts
 from streams.core.kpis import Fact, ratio
 from streams.core.state_bytes import dump_state, sorted_json
+from streams.core.units import SECOND_US
 
 SCHEMA_VERSION = 1  # of the closed-window message; bump on any incompatible change
 FIGURES = frozenset({kpis.CONCLUDED, kpis.ESCALATION, kpis.AHT, kpis.POLICY_CHECK, kpis.CSAT})
@@ -128,6 +128,23 @@ class Cell:
     @classmethod
     def from_bytes(cls, raw: bytes) -> Cell:
         return cls(**orjson.loads(raw))
+
+
+@dataclass(frozen=True)
+class WindowPolicy:
+    """Event-time tumbling windows: sizes in seconds and the grace before one closes."""
+
+    sizes_s: tuple[int, ...] = (60, 3600)
+    grace_s: int = 600
+
+    def late_sizes(self, ts_us: int, watermark_us: int) -> tuple[int, ...]:
+        """Sizes whose window holding `ts_us` closed before this event arrived."""
+        late = []
+        for size in self.sizes_s:
+            end_us = (kpis.window_start(ts_us, size) + size) * SECOND_US
+            if watermark_us > end_us + self.grace_s * SECOND_US:
+                late.append(size)
+        return tuple(late)
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from streams import __version__
 from streams.config import Settings
-from streams.core.cases import SECOND_US, WindowPolicy
 from streams.core.ledger import BatchPlan, Ledger
+from streams.core.units import SECOND_US
+from streams.core.windows import WindowPolicy
 from streams.faust_patches import Deliveries, install_all
 from streams.faust_patches.fixes import keep_uncommitted
 from streams.faust_patches.tables import AcknowledgedTable, writes_on

@@ -34,13 +34,13 @@ from aiokafka import ConsumerRecord
 
 from streams.config import Settings
 from streams.core.annotations import HORIZON_HEADER, ResendGuard, TailRecord
-from streams.core.cases import WindowPolicy
 from streams.core.ledger import BatchPlan
 from streams.core.windows import (
     SCHEMA_VERSION,
     Cell,
     PartitionWindows,
     WindowKey,
+    WindowPolicy,
     WindowRules,
     aggregate_rows,
     closed_message,
