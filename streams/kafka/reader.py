@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -133,6 +133,33 @@ async def load_guard(bootstrap: str, topic: str, partition: int, first_offset: i
                         topic, partition, attempt, err)
             await asyncio.sleep(0.5 * attempt)
     raise AssertionError("unreachable")
+
+
+class ResendGuards:
+    """The resend guards of one output topic, per partition: each read from the topic's
+    tail (`load_guard`) when a session of the partition first needs it, or again when a
+    session starts before the one it was read for (after a rebalance or a restart)."""
+
+    def __init__(self, settings: Any, topic: str, client: Mapping[str, Any] | None = None,
+                 parse: Callable[[ConsumerRecord], TailRecord | None] = tail_record) -> None:
+        self.settings, self.topic, self.client, self.parse = settings, topic, client, parse
+        self.guards: dict[int, ResendGuard] = {}
+        self.topic_ready = False
+
+    async def get(self, partition: int, first_offset: int) -> ResendGuard:
+        guard = self.guards.get(partition)
+        if guard is None or first_offset < guard.first_offset:
+            if not self.topic_ready:
+                await ensure_copartitioned(self.settings, self.topic, self.client)
+                self.topic_ready = True
+            guard = self.guards[partition] = await load_guard(
+                self.settings.bootstrap_servers, self.topic, partition, first_offset,
+                self.client, parse=self.parse)
+        return guard
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        for partition in partitions:
+            self.guards.pop(partition, None)
 
 
 async def _scan_tail(bootstrap: str, tp: TopicPartition, first_offset: int,

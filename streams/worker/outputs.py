@@ -3,7 +3,6 @@ guards and the partitioner's routing (`Outputs` of streams/worker/batches.py).""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable
 from typing import Any
@@ -18,8 +17,8 @@ from streams.core.ledger import RECORD_LIMIT, BatchPlan
 from streams.kafka.partitioners import CaseRouting
 from streams.kafka.reader import (
     OutputTopicError,
+    ResendGuards,
     ensure_copartitioned,
-    load_guard,
     partition_count,
     reader,
 )
@@ -38,10 +37,9 @@ class KafkaOutputs:
     def __init__(self, settings: Settings, topics: Topics, client_options: dict[str, Any],
                  registry: CollectorRegistry) -> None:
         self.settings, self.topics, self.client_options = settings, topics, client_options
-        self.guards: dict[int, ResendGuard] = {}  # per events partition, since assigned
+        self.guards = ResendGuards(settings, settings.annotation_topic, client_options)
         self.routing: CaseRouting | None = None  # read once per assignment
         self.misrouting_logged: set[int] = set()
-        self.annotation_topic_ready = asyncio.Event()
         self.resends_prevented = Counter(
             "acsr_annotation_resends_prevented",
             "Annotation items found already sent (before a crash) and not sent again.",
@@ -50,8 +48,7 @@ class KafkaOutputs:
     def forget(self, partitions: set[int]) -> None:
         """After a rebalance: partitions may have been added, guards start again."""
         self.routing = None
-        for partition in partitions:
-            self.guards.pop(partition, None)
+        self.guards.forget(partitions)
 
     async def case_routing(self) -> CaseRouting:
         """The configured partitioner over the cases topic's real partition count."""
@@ -100,16 +97,7 @@ class KafkaOutputs:
         """The first event a worker processes on a partition (after a start or a rebalance)
         marks where redelivery may begin: items sent for events from there on are found
         on the annotation partition's tail and not sent again."""
-        guard = self.guards.get(partition)
-        if guard is None or offset < guard.first_offset:
-            if not self.annotation_topic_ready.is_set():
-                await ensure_copartitioned(self.settings, self.settings.annotation_topic,
-                                           self.client_options)
-                self.annotation_topic_ready.set()
-            guard = self.guards[partition] = await load_guard(
-                self.settings.bootstrap_servers, self.settings.annotation_topic, partition,
-                offset, self.client_options)
-        return guard
+        return await self.guards.get(partition, offset)
 
     async def send_items(self, plan: BatchPlan, guard: ResendGuard) -> list[Awaitable[Any]]:
         """Send the batch's annotation items; the acknowledgements to wait for."""

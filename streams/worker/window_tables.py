@@ -33,7 +33,7 @@ import orjson
 from aiokafka import ConsumerRecord
 
 from streams.config import Settings
-from streams.core.annotations import HORIZON_HEADER, ResendGuard, TailRecord
+from streams.core.annotations import HORIZON_HEADER, TailRecord
 from streams.core.ledger import BatchPlan
 from streams.core.windows import (
     SCHEMA_VERSION,
@@ -48,7 +48,7 @@ from streams.core.windows import (
     message_key,
 )
 from streams.faust_patches.tables import AcknowledgedTable
-from streams.kafka.reader import ensure_copartitioned, load_guard
+from streams.kafka.reader import ResendGuards
 
 log = logging.getLogger("acsr_metrics")
 
@@ -96,9 +96,9 @@ class WindowTables:
                                key_serializer="raw", value_serializer="raw")
         self.partitions: dict[int, PartitionWindows] = {}
         self.first_offsets: dict[int, int] = {}  # first events offset of this session
-        self.guards: dict[int, ResendGuard] = {}
+        self.guards = ResendGuards(settings, settings.windows_topic, self.client,
+                                   parse=window_tail_record)
         self.resends_prevented = 0
-        self._topic_ready = False
 
     # --- the view of owned partitions -------------------------------------------------
 
@@ -120,7 +120,7 @@ class WindowTables:
         for partition in partitions:
             self.partitions.pop(partition, None)
             self.first_offsets.pop(partition, None)
-            self.guards.pop(partition, None)
+            self.guards.forget((partition,))
 
     def reload(self, partitions: set[int]) -> None:
         """Tables were recovered (a start or a rebalance): the views of these partitions
@@ -154,7 +154,7 @@ class WindowTables:
         first = self.first_offsets.get(partition)
         if first is None or offset < first:
             self.first_offsets[partition] = offset
-            self.guards.pop(partition, None)
+            self.guards.forget((partition,))
         self.build({partition})
         return self.partitions[partition]
 
@@ -190,7 +190,7 @@ class WindowTables:
 
     async def _emit(self, partition: int, offset: int, windows: PartitionWindows,
                     closing: list[WindowKey]) -> None:
-        guard = await self._guard(partition)
+        guard = await self.guards.get(partition, self.first_offsets[partition])
         source = {"topic": self.settings.cases_topic, "partition": partition, "offset": offset}
         headers = [(HORIZON_HEADER, str(guard.horizon).encode())]
         acks = []
@@ -206,20 +206,6 @@ class WindowTables:
             await ack
         for key in closing:  # only once every message is acknowledged
             self._write(partition, key, windows.mark_emitted(key))
-
-    async def _guard(self, partition: int) -> ResendGuard:
-        guard = self.guards.get(partition)
-        if guard is None:
-            await self._ensure_topic()
-            guard = self.guards[partition] = await load_guard(
-                self.settings.bootstrap_servers, self.settings.windows_topic, partition,
-                self.first_offsets[partition], self.client, parse=window_tail_record)
-        return guard
-
-    async def _ensure_topic(self) -> None:
-        if not self._topic_ready:
-            await ensure_copartitioned(self.settings, self.settings.windows_topic, self.client)
-            self._topic_ready = True
 
     def _write(self, partition: int, key: WindowKey, cell: Cell) -> None:
         # The window is chosen by the cell's own event time, never the message timestamp.
