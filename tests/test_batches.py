@@ -3,27 +3,24 @@ exact after a crash that landed only some of a batch's case writes."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streams.core.annotations import ResendGuard
 from streams.core.events import READER_CLOCK, InvalidEvent, parse_event
 from streams.core.kpis import Aggregate
-from streams.core.ledger import BatchPlan, Ledger, Parsed
+from streams.core.ledger import Ledger, Parsed
 from streams.core.units import SECOND_US
 from streams.core.windows import WindowPolicy
-from streams.kafka.partitioners import MURMUR2, CaseRouting
 from streams.worker.batches import BatchProcessor
 
+from .batch_fakes import Crash, DyingTable, NoWindows, Outputs, Table, events, run_now
 from .conftest import DATA
 
 DAY_US = 86_400 * SECOND_US
@@ -54,81 +51,6 @@ def raw(lines: list[bytes]) -> list[tuple[int, bytes]]:
 @pytest.fixture(scope="module")
 def stream(lines: list[bytes]) -> list[tuple[int, Parsed]]:
     return [(offset, _parse(line)) for offset, line in enumerate(lines)]
-
-
-class Crash(Exception):
-    """The worker died."""
-
-
-class Table(dict):
-    """A table whose writes are acknowledged at once."""
-
-    async def acknowledged(self, partition: int) -> None:
-        pass
-
-
-class DyingTable(Table):
-    """The case table of a worker that dies amid a batch's case writes: only the writes
-    to `landed` cases reach it."""
-
-    def __init__(self, table: Table, landed: set[str]) -> None:
-        super().__init__(table)
-        self.landed = landed
-
-    def __setitem__(self, key: str, value: bytes) -> None:
-        if key in self.landed:
-            super().__setitem__(key, value)
-
-    async def acknowledged(self, partition: int) -> None:
-        raise Crash
-
-
-class Outputs:
-    """One partition, no other worker: links and items go nowhere, dead letters are kept."""
-
-    def __init__(self) -> None:
-        self.dead_lettered: list[int] = []
-
-    async def case_routing(self) -> CaseRouting:
-        return CaseRouting(MURMUR2, 1)
-
-    async def resend_guard(self, partition: int, offset: int) -> ResendGuard:
-        return ResendGuard(offset)
-
-    async def dead_letter(self, message: Any, invalid: InvalidEvent) -> bool:
-        self.dead_lettered.append(message.offset)
-        return True
-
-    async def send_links(self, plan: BatchPlan, routing: CaseRouting) -> list[Any]:
-        return []
-
-    async def send_items(self, plan: BatchPlan, guard: ResendGuard) -> list[Any]:
-        return []
-
-    def report_misrouting(self, plan: BatchPlan, routing: CaseRouting) -> None:
-        pass
-
-
-class NoWindows:
-    """Windows are another test's concern (tests/test_windows.py)."""
-
-    def build(self, partitions: set[int]) -> None:
-        pass
-
-    def fold(self, plan: BatchPlan) -> None:
-        pass
-
-    async def acknowledged(self, partition: int) -> None:
-        pass
-
-    async def advance(self, partition: int, offset: int) -> None:
-        pass
-
-
-def _events(lines: list[tuple[int, bytes]]) -> list[Any]:
-    return [SimpleNamespace(message=SimpleNamespace(offset=offset, value=value, partition=0,
-                                                    key=None, headers=()))
-            for offset, value in lines]
 
 
 class Worker:
@@ -163,7 +85,7 @@ class Worker:
         if landed is not None:
             self.cases = DyingTable(self.cases, landed)
         try:
-            asyncio.run(self.processor().batch(0, _events(lines)))
+            run_now(self.processor().batch(0, events(lines)))
         except Crash:
             self.cases = Table(self.cases)
 
@@ -274,8 +196,8 @@ def test_a_link_that_fails_is_counted_and_the_count_survives_a_rebuild(
         raw: list[tuple[int, bytes]]) -> None:
     worker = Worker().feed(raw[:50], [])
     broken = SimpleNamespace(partition=0, offset=7, value=b"{not json")
-    asyncio.run(worker.processor().apply_link(broken))
-    asyncio.run(worker.processor().apply_link(broken))
+    run_now(worker.processor().apply_link(broken))
+    run_now(worker.processor().apply_link(broken))
 
     def link_errors(agg: Aggregate) -> int:
         return agg.pipeline.get(("processing_error", "link"), 0)

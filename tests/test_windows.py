@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import zlib
 from collections.abc import Iterable
+from contextlib import nullcontext
 from typing import Any
 
 import orjson
@@ -13,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams.config import ConfigError, Settings, from_env
-from streams.core.events import InvalidEvent, parse_event
+from streams.core.events import READER_CLOCK, InvalidEvent, parse_event
 from streams.core.kpis import Aggregate, Fact, window_start
-from streams.core.ledger import Ledger
+from streams.core.ledger import BatchPlan, Ledger
 from streams.core.units import SECOND_US
 from streams.core.windows import (
     SCHEMA_VERSION,
@@ -29,8 +30,12 @@ from streams.core.windows import (
     gauge_values,
     message_key,
 )
+from streams.kafka.partitioners import CRC32, CaseRouting
 from streams.metrics.exporter import KpiCollector, LabelBounds, WorkerView
 from streams.tools.traffic import generate
+from streams.worker.batches import BatchProcessor
+
+from .batch_fakes import Outputs, Table, events, run_now
 
 T0_MS = 1_795_352_400_000  # 2026-11-22T13:00:00Z
 MIN_MS = 60_000
@@ -55,22 +60,66 @@ def concluded(case: str, at_ms: int, intent: str = "refund", version: str = "v7"
             ev("case_resolved", at_ms, case, by="agent")]
 
 
-class Driver:
-    """The worker's steps in its order, offline: plan the event, fold it into its windows
-    (watermark before the event), write the case, then emit closed windows and drop
-    expired ones. `fact_windows` sums the facts' windows too, as the independent reference."""
+class PureWindows:
+    """The window tables' steps on PartitionWindows alone (the WindowSink of the batch
+    protocol): fold a batch's facts, then after it emit closed windows and drop expired
+    ones, at the partition's event time."""
 
-    def __init__(self, rules: WindowRules = RULES) -> None:
+    def __init__(self, rules: WindowRules, ledger: Ledger) -> None:
+        self.rules, self.ledger = rules, ledger
+        self.partitions: dict[int, PartitionWindows] = {}
+        self.emitted: list[tuple[int, WindowKey, dict[str, Any]]] = []
+        self.max_cells = 0
+
+    def build(self, partitions: set[int]) -> None:
+        for partition in partitions:
+            self.partitions.setdefault(partition, PartitionWindows(partition, self.rules))
+
+    def fold(self, plan: BatchPlan) -> None:
+        windows = self.partitions[plan.partition]
+        for applied in plan.applied:
+            windows.fold(applied.offset, applied.event.ts_us, applied.step.late,
+                         applied.step.facts)
+
+    async def acknowledged(self, partition: int) -> None:
+        pass
+
+    async def advance(self, partition: int, offset: int) -> None:
+        windows, watermark = self.partitions[partition], self.ledger.watermarks.get(partition)
+        for key in windows.closing(watermark):
+            self.emitted.append((partition, key, windows.mark_emitted(key).figures()))
+        windows.drop(windows.expiring(watermark))
+        self.max_cells = max(self.max_cells, sum(len(w) for w in self.partitions.values()))
+
+
+class Driver:
+    """Events through the worker's own batch protocol, one batch each, with the window
+    steps of `PureWindows`; `fact_windows` sums the facts' windows too, as the
+    independent reference."""
+
+    def __init__(self, rules: WindowRules = RULES, partitions: int = 1) -> None:
         self.rules = rules
         self.ledger = Ledger(rules.policy, retention_us=7 * DAY_US)
-        self.cases: dict[str, bytes] = {}
-        self.windows: dict[int, PartitionWindows] = {}
-        self.emitted: list[tuple[int, WindowKey, dict[str, Any]]] = []
+        self.sink = PureWindows(rules, self.ledger)
+        self.windows = self.sink.partitions
         self.offsets: dict[int, int] = {}
-        self.max_cells = 0
         self.fact_windows = Aggregate(window_sizes=rules.policy.sizes_s)
+        self.processor = BatchProcessor(
+            self.ledger, Table(), Table(), self.sink, Outputs(partitions),
+            bounds=READER_CLOCK, repartitions=False, writes_on=lambda event: nullcontext(),
+            applied=lambda plan: [self.fact_windows.add_facts(applied.step.facts)
+                                  for applied in plan.applied])
+
+    @property
+    def emitted(self) -> list[tuple[int, WindowKey, dict[str, Any]]]:
+        return self.sink.emitted
+
+    @property
+    def max_cells(self) -> int:
+        return self.sink.max_cells
 
     def feed(self, lines: Iterable[bytes], partitions: int = 1) -> Driver:
+        self.processor.outputs.routing = CaseRouting(CRC32, partitions)
         for line in lines:
             try:
                 case_id = parse_event(line).case_id
@@ -83,21 +132,7 @@ class Driver:
         return self
 
     def apply(self, partition: int, offset: int, line: bytes) -> None:
-        try:
-            event = parse_event(line)
-        except InvalidEvent:
-            return
-        windows = self.windows.setdefault(partition, PartitionWindows(partition, self.rules))
-        plan = self.ledger.plan_batch(self.cases, {}, partition, [(offset, event)])
-        for applied in plan.applied:
-            windows.fold(offset, event.ts_us, applied.step.late, applied.step.facts)
-            self.fact_windows.add_facts(applied.step.facts)
-        self.ledger.commit_batch(self.cases, plan)
-        watermark = self.ledger.watermarks.get(partition)
-        for key in windows.closing(watermark):
-            self.emitted.append((partition, key, windows.mark_emitted(key).figures()))
-        windows.drop(windows.expiring(watermark))
-        self.max_cells = max(self.max_cells, sum(len(w) for w in self.windows.values()))
+        run_now(self.processor.batch(partition, events([(offset, line)], partition)))
 
     def cell(self, size: int, at_ms: int, intent: str = "refund", version: str = "v7",
              partition: int = 0) -> Cell | None:
