@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from streams.config import Settings
-from streams.core.kpis import Aggregate
 from streams.kafka.partitioners import partition_for
 from streams.tools.replay import (
     REPLAY_WINDOW_RETENTION_S,
@@ -21,6 +20,7 @@ from streams.tools.traffic import generate
 
 from .cluster_helpers import replay_with_a_kill, run_settings
 from .conftest import BrokerInfo, report_mismatches
+from .fact_windows import FactWindows
 from .loop_traffic import mixed
 from .test_ledger import _feed, _ledger, _report
 
@@ -33,7 +33,7 @@ ORDINARY_CASES = 300
 def offline_report(lines: list[bytes], settings: Settings) -> dict[str, Any]:
     """The contract's figures, by the rules alone: one in-memory ledger, the cases placed
     as the configured partitioner places them (lateness is judged per partition)."""
-    ledger, windows = _ledger(), Aggregate()
+    ledger, windows = _ledger(), FactWindows()
     _feed(ledger, {}, {}, lines, windows=windows, placement=lambda case_id: partition_for(
         settings.partitioner, case_id.encode(), settings.partitions))
     return _report(ledger, windows)

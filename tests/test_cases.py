@@ -17,6 +17,8 @@ from streams.core.events import parse_event
 from streams.core.kpis import Aggregate, build_report, figures, window_items
 from streams.core.windows import WindowPolicy
 
+from .fact_windows import FactWindows
+
 T0_MS = 1_795_352_400_000  # 2026-11-22T13:00:00Z
 SEC = 1000
 MIN = 60 * SEC
@@ -53,7 +55,7 @@ def run(docs: list[dict[str, Any]], *, windows: WindowPolicy | None = None,
         window_sizes: tuple[int, ...] = (3600,), roundtrip: bool = False) -> Run:
     """Feed events (in arrival order) through one partition, as the worker does."""
     windows = windows or WindowPolicy()
-    agg = Aggregate(window_sizes=window_sizes)
+    agg = FactWindows(window_sizes)
     states: dict[str, CaseState] = {}
     routes: list[tuple[str, Route]] = []
     watermark: int | None = None

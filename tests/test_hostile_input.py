@@ -52,6 +52,7 @@ from streams.tools.traffic import generate
 from streams.worker.app import REASON_HEADER
 
 from .conftest import BrokerInfo, report_mismatches
+from .fact_windows import FactWindows
 
 VALID = orjson.dumps({"event_id": "e-1", "type": "csat_submitted", "case_id": "c-1",
                       "ts": "2026-11-22T13:05:09.120Z", "score": 5, "channel": "web"})
@@ -224,7 +225,7 @@ def expected_report(valid: list[tuple[bytes, int, int]], partition_of: dict[str,
     ledger = Ledger(WindowPolicy(sizes_s=window_sizes), retention_us=7 * 86_400 * SECOND_US)
     cases: dict[str, bytes] = {}
     records: dict[int, bytes] = {}
-    windows = Aggregate(window_sizes=window_sizes)
+    windows = FactWindows(window_sizes)
     for value, partition, offset in valid:
         event = parse_event(value)
         related = related_case(event)

@@ -15,6 +15,7 @@ from streams.core.units import SECOND_US
 from streams.core.windows import WindowPolicy
 
 from .conftest import report_mismatches
+from .fact_windows import FactWindows
 
 DAY_US = 86_400 * SECOND_US
 
@@ -81,7 +82,7 @@ def test_redelivered_events_are_not_counted_twice(sample_events: Path) -> None:
 
 def test_rebuild_from_tables_equals_the_live_aggregates(sample_events: Path,
                                                         expected_report: Path) -> None:
-    windows = Aggregate()
+    windows = FactWindows()
     live, cases, records = _fed(sample_events, windows)
     recovered = _ledger()
     recovered.rebuild(cases.items(), records.items(), {0})

@@ -19,10 +19,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streams.core.events import EVENT_TYPES, InvalidEvent, parse_event
-from streams.core.kpis import Aggregate
 from streams.tools.simulate import SCENARIOS, Message, Simulation, horizon, pace, past_start_ms
 
 from .conftest import BrokerInfo
+from .fact_windows import FactWindows
 from .test_ledger import _feed, _ledger, _report
 
 START_MS = 1_795_352_400_000
@@ -37,7 +37,7 @@ def run(scenario: str, seed: int = 11) -> tuple[list[Message], dict[str, Any]]:
     simulation = Simulation(SCENARIOS[scenario], seed=seed, rate=60, speed=SPEED,
                             start_ms=START_MS, change_after_s=CHANGE_AFTER_S)
     messages = list(horizon(iter(simulation), WALL_S * SPEED))
-    ledger, windows = _ledger(), Aggregate()
+    ledger, windows = _ledger(), FactWindows()
     _feed(ledger, {}, {}, [m.value for m in messages], partitions=2, windows=windows)
     return messages, _report(ledger, windows)
 

@@ -36,6 +36,7 @@ from streams.tools.traffic import generate
 from streams.worker.batches import BatchProcessor
 
 from .batch_fakes import Outputs, Table, events, run_now
+from .fact_windows import FactWindows
 
 T0_MS = 1_795_352_400_000  # 2026-11-22T13:00:00Z
 MIN_MS = 60_000
@@ -103,7 +104,7 @@ class Driver:
         self.sink = PureWindows(rules, self.ledger)
         self.windows = self.sink.partitions
         self.offsets: dict[int, int] = {}
-        self.fact_windows = Aggregate(window_sizes=rules.policy.sizes_s)
+        self.fact_windows = FactWindows(rules.policy.sizes_s)
         self.processor = BatchProcessor(
             self.ledger, Table(), Table(), self.sink, Outputs(partitions),
             bounds=READER_CLOCK, repartitions=False, writes_on=lambda event: nullcontext(),

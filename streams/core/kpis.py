@@ -99,9 +99,11 @@ def bucket_index(bounds: tuple[float, ...], value: float) -> int:
 
 @dataclass
 class Aggregate:
-    """Sums of facts: counters by figure, labels and dimensions; histograms; windows."""
+    """Sums of facts: counters by figure, labels and dimensions; histograms. `windows`
+    carries the window tables' rows to the report (`replay` sums the workers' /kpis/);
+    facts are never windowed here (streams/worker/window_tables.py does that)."""
 
-    window_sizes: tuple[int, ...] = (3600,)
+    window_sizes: tuple[int, ...] = ()  # the sizes of the rows in `windows`
     series: dict[tuple[str, tuple[str, ...], Dims], list[float]] = field(default_factory=dict)
     histograms: dict[tuple[str, tuple[str, ...], Dims], list[int]] = field(default_factory=dict)
     windows: dict[tuple[int, int, str, tuple[str, ...]], list[float]] = field(
@@ -123,17 +125,6 @@ class Aggregate:
             if buckets is None:
                 buckets = self.histograms[key] = [0] * (len(bounds) + 1)
             buckets[bucket_index(bounds, fact.value)] += 1
-        if fact.ts_us is not None:
-            for size in self.window_sizes:
-                if size in fact.late:
-                    continue
-                wkey = (size, window_start(fact.ts_us, size), fact.name, fact.labels)
-                wcell = self.windows.get(wkey)
-                if wcell is None:
-                    self.windows[wkey] = [1, fact.value]
-                else:
-                    wcell[0] += 1
-                    wcell[1] += fact.value
 
     def add_facts(self, facts: Iterable[Fact]) -> None:
         for fact in facts:
