@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from streams.tools.traffic import START_MS, generate
+from .traffic import START_MS, generate
 
 HOUR_MS = 3_600_000
 LONG_ACTION = "x" * 300  # counted under the action label `other`

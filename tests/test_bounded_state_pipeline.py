@@ -16,13 +16,13 @@ from streams.tools.replay import (
     read_lines,
     run_replay,
 )
-from streams.tools.traffic import generate
 
 from .cluster_helpers import replay_with_a_kill, run_settings
 from .conftest import BrokerInfo, report_mismatches
 from .fact_windows import FactWindows
 from .loop_traffic import mixed
 from .test_ledger import _feed, _ledger, _report
+from .traffic import generate
 
 pytestmark = pytest.mark.integration
 

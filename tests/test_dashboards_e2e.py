@@ -1,6 +1,6 @@
 """Every dashboard panel query returns data from a real Prometheus scraping a real worker.
 
-The worker is fed simulated traffic (streams.traffic) whose event times are moved to the
+The worker is fed simulated traffic (tests/traffic.py) whose event times are moved to the
 last minutes, in a few batches while Prometheus scrapes every second, so the counters
 grow inside the queries' rate windows. Panels listed in dashboards/build.py
 EVENT_DRIVEN_PANELS (late events, processing errors) may be empty on healthy traffic.
@@ -17,11 +17,11 @@ import orjson
 import pytest
 
 from streams.tools.replay import Cluster, create_topics, isolated, produce, wait_processed
-from streams.tools.traffic import generate
 
 from .conftest import BrokerInfo
 from .prometheus_helpers import prometheus_binary, query, running_prometheus
 from .test_dashboards import DASHBOARDS, build, panels, substitute
+from .traffic import generate
 
 pytestmark = pytest.mark.integration
 

@@ -48,11 +48,11 @@ from streams.tools.replay import (
     isolated,
     wait_processed,
 )
-from streams.tools.traffic import generate
 from streams.worker.app import REASON_HEADER
 
 from .conftest import BrokerInfo, report_mismatches
 from .fact_windows import FactWindows
+from .traffic import generate
 
 VALID = orjson.dumps({"event_id": "e-1", "type": "csat_submitted", "case_id": "c-1",
                       "ts": "2026-11-22T13:05:09.120Z", "score": 5, "channel": "web"})

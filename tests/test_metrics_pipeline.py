@@ -15,11 +15,11 @@ from streams.tools.replay import (
     run_replay,
     wait_processed,
 )
-from streams.tools.traffic import generate
 
 from .cluster_helpers import run_settings, wait_committed
 from .conftest import BrokerInfo
 from .metrics_helpers import by_label, samples, total
+from .traffic import generate
 
 pytestmark = pytest.mark.integration
 

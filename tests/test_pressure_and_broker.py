@@ -29,11 +29,11 @@ from streams.tools.replay import (
     produce,
     wait_processed,
 )
-from streams.tools.traffic import generate
 
 from .cluster_helpers import produce_paced, rss_mb, run_settings, worker_metrics
 from .conftest import BrokerInfo
 from .metrics_helpers import total
+from .traffic import generate
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 

@@ -25,9 +25,9 @@ from streams.kafka.broker import BrokerUnavailable, ensure_topics
 from streams.kafka.security import faust_credentials, kafka_client_kwargs, sasl_password
 from streams.tools.cli import build_parser
 from streams.tools.replay import run_replay
-from streams.tools.traffic import generate
 
 from .conftest import BrokerInfo
+from .traffic import generate
 
 SECRET = "pw-" + uuid.uuid4().hex
 SASL_ENV = {"ACSR_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "ACSR_SASL_USERNAME": "acsr-worker",

@@ -23,10 +23,10 @@ from streams.tools.replay import (
     produce,
     wait_processed,
 )
-from streams.tools.traffic import generate
 
 from .cluster_helpers import run_settings
 from .conftest import BrokerInfo
+from .traffic import generate
 
 pytestmark = pytest.mark.integration
 

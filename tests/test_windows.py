@@ -32,11 +32,11 @@ from streams.core.windows import (
 )
 from streams.kafka.partitioners import CRC32, CaseRouting
 from streams.metrics.exporter import KpiCollector, LabelBounds, WorkerView
-from streams.tools.traffic import generate
 from streams.worker.batches import BatchProcessor
 
 from .batch_fakes import Outputs, Table, events, run_now
 from .fact_windows import FactWindows
+from .traffic import generate
 
 T0_MS = 1_795_352_400_000  # 2026-11-22T13:00:00Z
 MIN_MS = 60_000

@@ -67,10 +67,10 @@ from streams.tools.replay import (
     wait_processed,
 )
 from streams.tools.simulate import SCENARIOS, Simulation
-from streams.tools.traffic import START_MS
 
 # Simulated traffic: 1000 msg/s at 60x time puts 500,000 events over about 8 simulated
 # hours, so cases conclude, feedback arrives and hourly windows close.
+START_MS = 1_795_352_400_000  # 2026-11-22T13:00:00Z: where the simulated clock starts
 SIM_RATE = 1000.0
 SIM_SPEED = 60.0
 INVALID_SHARE = 0.003  # the dead-letter path stays exercised

@@ -24,11 +24,11 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
@@ -37,7 +37,6 @@ from streams.core.events import InvalidEvent, parse_ts
 from streams.kafka.broker import ensure_topics
 from streams.kafka.publisher import Publisher
 from streams.kafka.security import kafka_client_kwargs
-from streams.tools.traffic import with_noise
 
 STABLE, CANDIDATE = "v7", "v8"
 CHANNELS: Mapping[str, float] = MappingProxyType(
@@ -47,6 +46,31 @@ CHANNEL_PACE: Mapping[str, float] = MappingProxyType({"voice": 0.7, "email": 2.5
 # comebacks and noise): turns a message rate into a case arrival rate.
 MESSAGES_PER_CASE = 9.65
 MINUTE, HOUR = 60.0, 3600.0
+
+T = TypeVar("T")
+
+# What real producers also send now and then (each breaks the contract another way).
+INVALID_SAMPLES = (
+    b"not json",
+    b"[1,2]",
+    b'{"type":"case_opened","case_id":"x","ts":1}',
+    b'{"event_id":"x","type":"teleport","case_id":"x","ts":1}',
+    b'{"event_id":"x","type":"case_opened","case_id":"x","ts":"noon"}',
+    b'{"event_id":"x","type":"csat_submitted","case_id":"x","ts":1,"score":6}',
+)
+
+
+def with_noise(rng: random.Random, messages: Iterable[tuple[T, bytes]], invalid_share: float,
+               duplicate_share: float) -> Iterator[tuple[T, bytes, bool]]:
+    """The messages with what real producers also send: before a message, now and then an
+    invalid one (flagged True), or the same message once more (a redelivered duplicate)."""
+    for tag, line in messages:
+        roll = rng.random()
+        if roll < invalid_share:
+            yield tag, rng.choice(INVALID_SAMPLES), True
+        elif roll < invalid_share + duplicate_share:
+            yield tag, line, False
+        yield tag, line, False
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Deterministic synthetic agent traffic (per the event contract) for tests and benchmarks.
+"""Deterministic synthetic agent traffic (per the event contract) for the tests.
 
 `generate(cases, seed)` yields message values in arrival order: whole conversations,
 feedback that arrives later, re-engagements of earlier cases, and a small share of
@@ -8,10 +8,12 @@ invalid and duplicate messages, so every KPI rule is exercised.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import orjson
+
+from streams.tools.simulate import with_noise
 
 INTENTS = ("refund", "order_status", "shipping_change", "account_access", "billing_dispute")
 CHANNELS = ("web", "email", "voice", "whatsapp")
@@ -19,7 +21,6 @@ VERSIONS = ("v7", "v8")
 REASONS = ("low_confidence", "policy_ambiguity", "tool_failure", "customer_request",
            "negative_sentiment", "mystery_reason")
 START_MS = 1_795_352_400_000  # 2026-11-22T13:00:00Z
-T = TypeVar("T")
 
 
 def _case_events(rng: random.Random, case_id: str, start_ms: int, related: str | None
@@ -85,16 +86,6 @@ def _case_events(rng: random.Random, case_id: str, start_ms: int, related: str |
     return out, feedback
 
 
-INVALID_SAMPLES = (
-    b"not json",
-    b"[1,2]",
-    b'{"type":"case_opened","case_id":"x","ts":1}',
-    b'{"event_id":"x","type":"teleport","case_id":"x","ts":1}',
-    b'{"event_id":"x","type":"case_opened","case_id":"x","ts":"noon"}',
-    b'{"event_id":"x","type":"csat_submitted","case_id":"x","ts":1,"score":6}',
-)
-
-
 def generate(cases: int, seed: int = 7, invalid_share: float = 0.005,
              duplicate_share: float = 0.005) -> Iterator[bytes]:
     """Message values for `cases` cases, interleaved in arrival order."""
@@ -120,16 +111,3 @@ def generate(cases: int, seed: int = 7, invalid_share: float = 0.005,
     for _, line, _ in with_noise(rng, ((None, line) for _, _, line in timeline),
                                  invalid_share, duplicate_share):
         yield line
-
-
-def with_noise(rng: random.Random, messages: Iterable[tuple[T, bytes]], invalid_share: float,
-               duplicate_share: float) -> Iterator[tuple[T, bytes, bool]]:
-    """The messages with what real producers also send: before a message, now and then an
-    invalid one (flagged True), or the same message once more (a redelivered duplicate)."""
-    for tag, line in messages:
-        roll = rng.random()
-        if roll < invalid_share:
-            yield tag, rng.choice(INVALID_SAMPLES), True
-        elif roll < invalid_share + duplicate_share:
-            yield tag, line, False
-        yield tag, line, False
