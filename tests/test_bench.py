@@ -179,11 +179,15 @@ def test_summary_table() -> None:
         "throughput": {"events": 1500, "simulated_hours": 0.1, "ratio": 0.001,
                        "raw": {"summary": summary},
                        "processor": {"summary": summary, "start_summary": summary,
-                                     "peak_rss_summary": summary}},
+                                     "peak_rss_summary": summary,
+                                     "samples_summary": {"min": 4000.0, "median": 4100.0,
+                                                         "max": 4200.0},
+                                     "render_ms_summary": summary}},
         "latency": {"skipped": True}, "memory": {"skipped": True},
     }
     table = bench.format_table(results)
     assert "raw ceiling (ev/s)" in table and "processor, 1 worker (ev/s)" in table
+    assert "4,100" in table and "/metrics render, idle (ms)" in table
     assert "processor, 2 workers (ev/s)" in bench.format_table(
         {**results, "config": {"partitions": 4, "workers": 2}})
     assert "latency: skipped" in table and "memory: skipped" in table
@@ -229,6 +233,11 @@ def test_a_tiny_bench_run(kafka: BrokerInfo, tmp_path: Path) -> None:
     # from the group's readiness and covers every event.
     assert run["measured_from"] == "the first event" or run["events_after_t0"] == 1500
     assert run["rate"] == pytest.approx(run["events_after_t0"] / run["seconds"])
+    # what the two workers expose once every event is processed, and a scrape's time
+    exposition = run["exposition"]
+    assert exposition["samples"] > 100 and exposition["bytes"] > exposition["samples"]
+    assert exposition["render_s"] > 0
+    assert "acsr_ samples the group exposes" in done.stdout
     assert results["latency"]["covered"] == results["latency"]["sent"] > 0
     assert results["latency"]["p99_s"] >= results["latency"]["p50_s"] > 0
     assert results["memory"]["open_cases"] == 500

@@ -11,7 +11,8 @@ One run, on the embedded broker (or `--broker`), every topic and consumer group 
    (start, group join and the first batch's one-off costs are excluded) until the
    consumer group has committed every offset. Each repeat uses a consumer group of its
    own. A run too small to outlast its first batch is measured from the moment the group
-   owned every partition instead, start costs included.
+   owned every partition instead, start costs included. Then (c) the exposition: the
+   `acsr_` samples the group's /metrics hold, and how long an idle scrape takes.
 3. Latency: a fresh, warmed-up worker fed at half the median worker rate; an event's
    latency runs from its send to the first /metrics scrape whose event counters cover it.
 4. Memory: a fresh, warmed-up worker's RSS before and after N distinct cases are opened;
@@ -76,6 +77,7 @@ SIM_SPEED = 60.0
 INVALID_SHARE = 0.003  # the dead-letter path stays exercised
 DUPLICATE_SHARE = 0.003
 POLL_S = 0.1  # throughput: how often the worker's progress is read
+EXPOSITION_SCRAPES = 5  # /metrics scrapes per worker timed after each throughput run
 SCRAPE_BUSY_WARNING = 0.2  # warn when a scrape was in flight this share of the latency run
 SLICE_S = 0.1  # latency: events are sent in one slice per SLICE_S
 SETTLE_S = 1.0  # memory: wait before reading RSS so the worker is idle
@@ -377,6 +379,8 @@ def format_table(results: dict[str, Any]) -> str:
         throughput["processor"]["summary"])
     add("worker start to 1st event (s)", throughput["processor"]["start_summary"], 1)
     add("worker peak RSS, VmHWM (MB)", throughput["processor"]["peak_rss_summary"], 0)
+    add("acsr_ samples the group exposes", throughput["processor"]["samples_summary"])
+    add("/metrics render, idle (ms)", throughput["processor"]["render_ms_summary"], 1)
     rekeyed = results.get("repartition", {"skipped": True})
     if not rekeyed.get("skipped"):
         add("processor, repartition (ev/s)", rekeyed["summary"])
@@ -594,6 +598,7 @@ async def worker_throughput(settings: Settings, ends: dict[int, int], log_dir: P
                 say(f"bench: {label}: {_throughput_progress(done, total, t0, processed_at_t0)}")
             await asyncio.sleep(max(0.0, polled + POLL_S - time.monotonic()))
         peak_kb = max(each.memory_kb().get("VmHWM", 0) for each in cluster.workers)
+        exposition = await measure_exposition(session, cluster.workers)
     assert t0 is not None  # done >= total > 0 sets it
     since, measured = rate_span(t0, processed_at_t0, ready_at, total)
     if not measured:
@@ -607,7 +612,27 @@ async def worker_throughput(settings: Settings, ends: dict[int, int], log_dir: P
             "measured_from": "the first event" if since == t0 else "readiness",
             "rate": rate(measured, seconds) if measured else math.nan,
             "start_s": t0 - started,
-            "rss_max_mb": rss_max_kb / 1024, "peak_rss_mb": max(peak_kb, rss_max_kb) / 1024}
+            "rss_max_mb": rss_max_kb / 1024, "peak_rss_mb": max(peak_kb, rss_max_kb) / 1024,
+            "exposition": exposition}
+
+
+async def measure_exposition(session: aiohttp.ClientSession, workers: Sequence[WorkerProcess],
+                             scrapes: int = EXPOSITION_SCRAPES) -> dict[str, float]:
+    """What Prometheus would scrape from the group once every event is processed: the
+    `acsr_` samples and bytes of all workers' /metrics, and how long a worker takes to
+    answer a scrape (the median of `scrapes` in a row, the group idle)."""
+    samples = size = 0
+    render_s: list[float] = []
+    for worker in workers:
+        text = None
+        for _ in range(scrapes):
+            begun = time.monotonic()
+            text = await scrape(session, worker)
+            render_s.append(time.monotonic() - begun)
+        if text is not None:
+            samples += sum(line.startswith("acsr_") for line in text.splitlines())
+            size += len(text.encode())
+    return {"samples": samples, "bytes": size, "render_s": percentile(render_s, 50)}
 
 
 def rate_span(first_seen: float, processed_then: int, ready_at: float | None,
@@ -822,7 +847,11 @@ async def run_bench(options: BenchOptions, settings: Settings, work_dir: Path, s
             "processor": {"runs": worker_runs, "summary": worker_summary,
                           "start_summary": summarize([r["start_s"] for r in worker_runs]),
                           "peak_rss_summary": summarize([r["peak_rss_mb"]
-                                                         for r in worker_runs])},
+                                                         for r in worker_runs]),
+                          "samples_summary": summarize([r["exposition"]["samples"]
+                                                        for r in worker_runs]),
+                          "render_ms_summary": summarize([r["exposition"]["render_s"] * 1000
+                                                          for r in worker_runs])},
             "ratio": ratio(worker_summary["median"], raw_summary["median"]),
         },
         "latency": {"skipped": True},
