@@ -38,6 +38,7 @@ from streams.kafka.security import kafka_client_kwargs
 from streams.metrics.exporter import merge_expositions
 
 REPLAY_WINDOW_RETENTION_S = 366 * 86_400
+SETTLED_S = 2.0  # how long the group's view must hold still before it is the report
 
 
 class ReplayError(RuntimeError):
@@ -284,9 +285,14 @@ async def gather_metrics(cluster: Cluster) -> str:
 
 async def gather_aggregates(cluster: Cluster, partitions: int, timeout_s: float = 60.0
                             ) -> Aggregate:
-    """Sum the workers' partition aggregates, once every partition is owned exactly once."""
+    """Sum the workers' partition aggregates, once every partition is owned exactly once
+    and the group has settled: the same owners and figures for SETTLED_S in a row. A group
+    that just processed the last event may still be rebalancing (a worker joined or
+    left), and a view read mid-way could hold a partition whose owner has not yet read
+    the last writes of the one before."""
     deadline = time.monotonic() + timeout_s
     problem = "no worker answered"
+    seen: tuple[Any, float] | None = None  # a complete view, and since when it holds
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         while time.monotonic() < deadline:
             snapshots = []
@@ -296,16 +302,26 @@ async def gather_aggregates(cluster: Cluster, partitions: int, timeout_s: float 
                         snapshots.append(await response.json())
             except (TimeoutError, aiohttp.ClientError) as err:
                 problem = f"a worker did not answer: {err}"
+                seen = None
                 await asyncio.sleep(0.5)
                 continue
             owned = [p for snap in snapshots if not snap["recovering"] for p in snap["owned"]]
-            if sorted(owned) == list(range(partitions)):
-                return Aggregate.sum_of(
-                    (doc for snap in snapshots for key, doc in snap["partitions"].items()
-                     if int(key) in snap["owned"]),
-                    cluster.settings.window_sizes_s,
-                )
-            problem = f"partitions owned {sorted(owned)}, expected each of 0..{partitions - 1} once"
+            if sorted(owned) != list(range(partitions)):
+                problem = (f"partitions owned {sorted(owned)}, expected each of "
+                           f"0..{partitions - 1} once")
+                seen = None
+                await asyncio.sleep(0.5)
+                continue
+            docs = {key: doc for snap in snapshots for key, doc in snap["partitions"].items()
+                    if int(key) in snap["owned"]}
+            view = orjson.dumps([sorted(snap["owned"]) for snap in snapshots] + [docs],
+                                option=orjson.OPT_SORT_KEYS)
+            now = time.monotonic()
+            if seen is None or seen[0] != view:
+                seen = (view, now)
+            elif now - seen[1] >= SETTLED_S:
+                return Aggregate.sum_of(docs.values(), cluster.settings.window_sizes_s)
+            problem = "the group did not settle (owners or figures kept changing)"
             await asyncio.sleep(0.5)
     raise ReplayError(f"could not gather the workers' tables: {problem}")
 
