@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from streams.core.events import DEFAULT_MAX_CLOCK_SKEW_S, EventTimeBounds
+from streams.core.metric_labels import parse_drops
 from streams.kafka.partitioners import PARTITIONERS, REPARTITION
 
 MAX_BATCH = 20_000  # events a batch takes at most (its duplicate offsets are stored)
@@ -34,6 +35,8 @@ class Settings:
     links_topic: str = "acsr.case-links"
     annotation_topic: str = "acsr.annotation.queue"
     windows_topic: str = "acsr.kpi.windows"  # closed event-time windows, one message each
+    # Each partition's figures for the group's exposition (one partition, compacted).
+    group_topic: str = "acsr.kpi.group"
     # How producers place a case_id on a partition (streams/kafka/partitioners.py); `repartition`
     # re-keys events through `repartition_topic` first.
     partitioner: str = "murmur2"
@@ -60,6 +63,10 @@ class Settings:
     channel_allow: str = ""
     agent_version_allow: str = ""
     action_allow: str = ""
+    evaluation_allow: str = ""  # allow-list of evaluation names (label `name`)
+    # `metric:label,...`: optional labels dropped from KPI metrics (docs/kpis.md, Labels)
+    metric_labels_drop: str = ""
+    group_publish_s: float = 2.0  # how often a worker publishes its partitions' figures
     sample_resolved_rate: float = 0.0  # share of autonomous resolutions sent for review
     data_dir: str = field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "acsr-metrics"))
     broker_wait_s: float = 60.0  # how long a starting worker waits for an unreachable broker
@@ -92,7 +99,7 @@ class Settings:
                     f"broker {url!r} is not host:port (e.g. 127.0.0.1:9092 or kafka://host:9092)"
                 )
         for name in ("events_topic", "dlq_topic", "links_topic", "annotation_topic",
-                     "windows_topic", "repartition_topic", "app_id"):
+                     "windows_topic", "group_topic", "repartition_topic", "app_id"):
             value = getattr(self, name)
             if not _TOPIC.fullmatch(value):
                 raise ConfigError(
@@ -100,7 +107,11 @@ class Settings:
                 )
         _positive(self, "partitions", "label_limit", "replication_factor", "case_retention_s",
                   "session_timeout_s", "commit_interval_s", "report_window_s", "batch_max",
-                  "batch_wait_s")
+                  "batch_wait_s", "group_publish_s")
+        try:
+            parse_drops(self.metric_labels_drop)
+        except ValueError as err:
+            raise ConfigError(f"ACSR_METRIC_LABELS_DROP: {err}") from None
         if self.batch_max > MAX_BATCH:
             raise ConfigError(f"batch_max (ACSR_BATCH_MAX) {self.batch_max} must be at most "
                               f"{MAX_BATCH:,} (a batch's bookkeeping is stored in one record)")
@@ -162,7 +173,18 @@ class Settings:
         and closed windows go to the partition number of its events."""
         names = (self.events_topic, self.links_topic, self.dlq_topic, self.annotation_topic,
                  self.windows_topic)
-        return {**dict.fromkeys(names, self.partitions), **self.rekeying_topics}
+        return {**dict.fromkeys(names, self.partitions), **self.rekeying_topics,
+                self.group_topic: 1}
+
+    @property
+    def topic_configs(self) -> dict[str, dict[str, str]]:
+        """Topic configurations to create topics with: the group topic keeps only each
+        partition's latest figures (compacted, in hourly segments so compaction runs)."""
+        return {self.group_topic: {"cleanup.policy": "compact", "segment.ms": "3600000"}}
+
+    @property
+    def metric_drops(self) -> dict[str, frozenset[str]]:
+        return parse_drops(self.metric_labels_drop)
 
     @property
     def cases_topic(self) -> str:
@@ -176,7 +198,8 @@ class Settings:
 
     def label_allow_lists(self) -> dict[str, frozenset[str]]:
         lists = {"intent": self.intent_allow, "channel": self.channel_allow,
-                 "agent_version": self.agent_version_allow, "action": self.action_allow}
+                 "agent_version": self.agent_version_allow, "action": self.action_allow,
+                 "name": self.evaluation_allow}
         return {label: frozenset(v.strip() for v in raw.split(",") if v.strip())
                 for label, raw in lists.items() if raw.strip()}
 

@@ -28,7 +28,9 @@ def prometheus_binary() -> str:
 @contextmanager
 def running_prometheus(targets: list[str], workdir: Path, rule_files: list[Path] | None = None
                        ) -> Iterator[str]:
-    """Prometheus scraping `targets` every second; yields its base URL."""
+    """Prometheus scraping `targets` every second as the shipped configuration does
+    (deploy/prometheus/prometheus.yml): job `acsr` each worker's /metrics, job
+    `acsr-group` the group's /metrics/group with `instance="group"`; yields its base URL."""
     binary = prometheus_binary()
     config = workdir / "prometheus.yml"
     rules = "".join(f"\n  - {path}" for path in rule_files or [])
@@ -37,6 +39,11 @@ def running_prometheus(targets: list[str], workdir: Path, rule_files: list[Path]
         + (f"rule_files:{rules}\n" if rules else "")
         + "scrape_configs:\n  - job_name: acsr\n    static_configs:\n"
         + f"      - targets: {targets!r}\n"
+        + "  - job_name: acsr-group\n    metrics_path: /metrics/group\n"
+        + "    static_configs:\n"
+        + f"      - targets: {targets!r}\n"
+        + "    metric_relabel_configs:\n      - target_label: instance\n"
+        + "        replacement: group\n"
     )
     port = free_port()
     log = (workdir / "prometheus.log").open("wb")

@@ -163,6 +163,12 @@ class WindowRules:
         when an event for it would be late (`WindowPolicy.late_sizes`)."""
         return (start + size + self.policy.grace_s) * SECOND_US
 
+    def latest_closed_start(self, size: int, watermark_us: int) -> int:
+        """The start of the latest window of `size` that event time `watermark_us` closed:
+        the largest aligned start with `watermark_us > closes_after_us(size, start)`."""
+        latest = (watermark_us - 1) // SECOND_US - size - self.policy.grace_s
+        return (latest // size) * size
+
     def expires_at_us(self, size: int, start: int) -> int:
         """The window is dropped once the partition's event time reaches this."""
         return (start + size + self.retention_s) * SECOND_US
@@ -259,6 +265,22 @@ class PartitionWindows:
                     self._open.discard(window)
         self._next_expiry_us = min(
             (self.rules.expires_at_us(*w) for w in self._members), default=None)
+
+    def recent_closed(self, watermark_us: int | None, count: int
+                      ) -> dict[int, tuple[int, dict[int, list[tuple[WindowKey, Cell]]]]]:
+        """Per size: the start of the latest window the partition's event time has closed
+        (whether it holds cells or not), and the cells of the `count` windows up to it
+        that hold any. The group's windows are summed from these (streams/metrics/group.py)."""
+        if watermark_us is None:
+            return {}
+        out: dict[int, tuple[int, dict[int, list[tuple[WindowKey, Cell]]]]] = {}
+        for size in self.rules.sizes:
+            closed = self.rules.latest_closed_start(size, watermark_us)
+            recent = {start: sorted((key, self.cells[key]) for key in members)
+                      for (member_size, start), members in self._members.items()
+                      if member_size == size and closed - (count - 1) * size <= start <= closed}
+            out[size] = (closed, recent)
+        return out
 
     def latest_closed(self, watermark_us: int | None) -> dict[int, list[tuple[WindowKey, Cell]]]:
         """Per size, the cells of the latest closed window that holds any."""

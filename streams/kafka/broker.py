@@ -169,18 +169,19 @@ async def connect_admin(bootstrap: str, wait_s: float,
 
 
 async def ensure_topics(bootstrap: str, topics: dict[str, int], replication_factor: int = 1,
-                        timeout_s: float = 30.0, client: Mapping[str, Any] | None = None
-                        ) -> None:
+                        timeout_s: float = 30.0, client: Mapping[str, Any] | None = None,
+                        configs: Mapping[str, dict[str, str]] | None = None) -> None:
     """Create each topic with its partition count unless it exists (then keep it as it is).
 
     `timeout_s` bounds the wait for the broker; `client` holds the security options
-    (streams.security.kafka_client_kwargs).
+    (streams.security.kafka_client_kwargs); `configs` topic configurations by name.
     """
     admin = await connect_admin(bootstrap, timeout_s, client)
     try:
         existing = set(await admin.list_topics())
         wanted = [
-            NewTopic(name, partitions, replication_factor)
+            NewTopic(name, partitions, replication_factor,
+                     topic_configs=dict((configs or {}).get(name, {})))
             for name, partitions in topics.items()
             if name not in existing
         ]

@@ -1,9 +1,16 @@
-"""Prometheus exposition: KPI counters and histograms read off the ledger's table state.
+"""Prometheus exposition: the group's KPI figures once, and each worker's own health.
 
-Every KPI series carries a `partition` label and is derived from that partition's
-table state, so when a partition moves to another worker its series moves whole
-(a new series, not a counter jump), and a restarted worker re-exposes exactly what
-its tables hold. Sum away `partition` and `instance` in PromQL.
+Two expositions, scraped as two jobs (deploy/prometheus/prometheus.yml):
+
+- `/metrics/group` (`render_group`): the KPI counters, histograms and window gauges of
+  the whole consumer group, from the merged snapshots of every partition
+  (streams/metrics/group.py). Only the exporter of the moment serves them; the others
+  answer with an empty exposition. No KPI series carries `partition` or `worker`.
+- `/metrics` (`build_registry`): what only this worker knows: its partitions, their lag,
+  its recovery, the event-time lag it observed, whether it is the exporter.
+
+Both read state and never change it; label values are bounded by `LabelBounds`, whose
+admitted values are the group's (stored in the group topic), never one process's.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -26,73 +33,50 @@ from streams.core import kpis
 from streams.core.annotations import priority
 from streams.core.events import EVENT_TYPES, INVALID_REASONS
 from streams.core.kpis import HISTOGRAM_BUCKETS, OUTCOMES, Aggregate
-from streams.core.windows import GAUGES, Cell, WindowKey, gauge_values, size_label
+from streams.core.metric_labels import DIMENSIONS, FIGURE_LABELS, METRICS, KpiMetric
+from streams.core.windows import GAUGES, gauge_values, size_label
+from streams.metrics.group import GroupWindow
 
 disable_created_metrics()  # *_created samples say nothing here and double the exposition
 
-DIMENSION_LABELS = ("intent", "channel", "agent_version")
 OTHER = "other"
 
 
 @dataclass
 class LabelBounds:
-    """Bounded label values: an allow-list, else the first `limit` distinct values seen."""
+    """Bounded label values: an allow-list, else the values admitted so far, at most
+    `limit` per label (first come, first kept: `admit` never gives a value back)."""
 
     limit: int = 50
     allowed: dict[str, frozenset[str]] = field(default_factory=dict)
-    _admitted: dict[str, dict[str, None]] = field(default_factory=dict)
+    admitted: dict[str, list[str]] = field(default_factory=dict)
+
+    def admit(self, found: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Admit the values of `found` that fit, in order; the newly admitted ones."""
+        new: dict[str, list[str]] = {}
+        for label, values in found.items():
+            if label in self.allowed:
+                continue
+            mine = self.admitted.setdefault(label, [])
+            held = set(mine)
+            for value in values:
+                if value in held or value == kpis.UNKNOWN or len(mine) >= self.limit:
+                    continue
+                mine.append(value)
+                held.add(value)
+                new.setdefault(label, []).append(value)
+        return new
 
     def bound(self, label: str, value: str) -> str:
+        if value == kpis.UNKNOWN:
+            return value
         allowed = self.allowed.get(label)
         if allowed is not None:
-            return value if value in allowed or value == kpis.UNKNOWN else OTHER
-        admitted = self._admitted.setdefault(label, {})
-        if value in admitted or value == kpis.UNKNOWN:
-            return value
-        if len(admitted) < self.limit:
-            admitted[value] = None
-            return value
-        return OTHER
-
-    def dims(self, dims: kpis.Dims) -> tuple[str, str, str]:
-        return tuple(self.bound(name, value) for name, value in zip(DIMENSION_LABELS, dims,
-                                                                    strict=True))  # type: ignore[return-value]
+            return value if value in allowed else OTHER
+        return value if value in self.admitted.get(label, ()) else OTHER
 
 
-# (metric name, help, figure, extra label names); value is the count unless `use_sum`.
-_COUNTERS: tuple[tuple[str, str, str, tuple[str, ...], bool], ...] = (
-    ("acsr_cases_concluded", "Cases concluded, by outcome.", kpis.CONCLUDED, ("outcome",), False),
-    ("acsr_escalations", "Concluding escalations by reason code.", kpis.ESCALATION, ("reason",),
-     False),
-    ("acsr_policy_checks", "Policy checks by result.", kpis.POLICY_CHECK, ("result",), False),
-    ("acsr_reopens", "Autonomous cases reopened within 24 h.", kpis.REOPENED, (), False),
-    ("acsr_fcr_failures", "Autonomous cases reopened or re-engaged within 24 h.",
-     kpis.FCR_FAILURE, (), False),
-    ("acsr_thumbs", "Thumbs votes.", kpis.THUMBS, ("vote",), False),
-    ("acsr_overridden_cases", "Cases with a human override (counted at the first).",
-     kpis.OVERRIDDEN, (), False),
-    ("acsr_cost_usd", "Every cost_usd as it arrives, in USD.", kpis.COST, (), True),
-    ("acsr_case_cost_usd", "Case cost credited to its outcome at and after the conclusion.",
-     kpis.CASE_COST, ("outcome",), True),
-    ("acsr_actions", "Actions executed by result.", kpis.ACTION, ("action", "result"), False),
-    ("acsr_suggestions_reviewed", "AI-drafted replies reviewed by a human.", kpis.SUGGESTION,
-     ("adopted",), False),
-    ("acsr_knowledge_flags", "Knowledge flagged by kind.", kpis.KNOWLEDGE, ("kind",), False),
-    ("acsr_fallback_responses", "Safe fallback answers sent.", kpis.FALLBACK, (), False),
-    ("acsr_annotation_routed", "Cases routed to the annotation queue, by reason and priority.",
-     kpis.ANNOTATION, ("reason", "priority"), False),
-)
-
-_HISTOGRAMS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    ("acsr_handling_time_seconds", "Handling time of autonomous cases.", kpis.AHT, ()),
-    ("acsr_csat_score", "CSAT scores (1-5).", kpis.CSAT, ()),
-    ("acsr_ces_score", "CES scores (1-7, 7 = very easy).", kpis.CES, ()),
-    ("acsr_response_latency_seconds", "Agent response latency.", kpis.RESPONSE_LATENCY, ()),
-    ("acsr_evaluation_score", "Evaluation scores (0-1) by evaluation name.", kpis.EVALUATION,
-     ("name",)),
-)
-
-_PIPELINE: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
+PIPELINE: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
     ("acsr_events", "Valid events counted, by type.", kpis.EVENT, "type", EVENT_TYPES),
     ("acsr_events_invalid", "Invalid messages sent to the dead-letter topic, by reason.",
      kpis.INVALID, "reason", INVALID_REASONS),
@@ -106,7 +90,7 @@ _PIPELINE: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
      kpis.PROCESSING_ERROR, "reason", ()),
 )
 
-_PIPELINE_UNLABELLED: tuple[tuple[str, str, str], ...] = (
+PIPELINE_UNLABELLED: tuple[tuple[str, str, str], ...] = (
     ("acsr_events_duplicate", "Events dropped as repeats of a counted event_id.",
      kpis.DUPLICATE),
     ("acsr_events_misrouted",
@@ -117,158 +101,203 @@ _PIPELINE_UNLABELLED: tuple[tuple[str, str, str], ...] = (
      kpis.SPILLED),
 )
 
-_ZERO_LABELS = {
-    kpis.CONCLUDED: [(o,) for o in OUTCOMES],
-    kpis.POLICY_CHECK: [("passed",), ("failed",)],
-    kpis.THUMBS: [("up",), ("down",)],
+# Label values every label set of a figure shows from the start (at 0).
+_ZERO_VALUES: dict[str, tuple[str, tuple[str, ...]]] = {
+    kpis.CONCLUDED: ("outcome", OUTCOMES),
+    kpis.POLICY_CHECK: ("result", ("passed", "failed")),
+    kpis.THUMBS: ("vote", ("up", "down")),
 }
 
 
 @dataclass
-class WorkerView:
-    """What the collector needs from a worker, as plain callables (testable without Faust)."""
+class GroupFigures:
+    """What `/metrics/group` shows: the group's totals and latest closed windows."""
 
-    aggregates: Callable[[], dict[int, Aggregate]]
-    lag: Callable[[], dict[int, int]] = dict
-    recovering: Callable[[], bool] = lambda: False
-    version: str = "0"
-    app_id: str = ""
-    # Per partition: window cells held, and per size the latest closed window's cells.
-    windows: Callable[[], dict[int, tuple[int, dict[int, list[tuple[WindowKey, Cell]]]]]] = dict
+    total: Aggregate
+    windows: dict[int, GroupWindow] = field(default_factory=dict)
+    partitions: int = 0  # partitions whose snapshots the totals hold
 
 
-class KpiCollector(Collector):
-    """Builds every KPI family from the owned partitions' aggregates at scrape time."""
+class GroupCollector(Collector):
+    """The group's KPI families, once, without a partition label."""
 
-    def __init__(self, view: WorkerView, bounds: LabelBounds) -> None:
-        self.view = view
-        self.bounds = bounds
+    def __init__(self, figures: GroupFigures, bounds: LabelBounds,
+                 drops: dict[str, frozenset[str]] | None = None) -> None:
+        self.figures, self.bounds, self.drops = figures, bounds, drops or {}
+        self._dims: dict[kpis.Dims, dict[str, str]] = {}
 
     def collect(self) -> Iterator:
-        aggregates = self.view.aggregates()
-        # One pass over each partition's series, then each family reads only its own.
-        series = {p: _by_figure(agg.series) for p, agg in aggregates.items()}
-        yield from self._counters(series)
-        yield from self._histograms(aggregates, series)
-        yield from self._pipeline(aggregates)
+        index = _by_figure(self.figures.total.series)
+        for metric in METRICS:
+            if metric.histogram:
+                yield self._histogram(metric, index.get(metric.figure, ()))
+            else:
+                yield self._counter(metric, index.get(metric.figure, ()))
+        yield from self._pipeline(self.figures.total)
         yield from self._windows()
-        yield from self._health(len(aggregates))
+        reporting = GaugeMetricFamily("acsr_group_partitions",
+                                      "Partitions whose figures the group exposition holds.")
+        reporting.add_metric((), self.figures.partitions)
+        yield reporting
 
-    def _bounded(self, name: str, labels: tuple[str, ...], extra: tuple[str, ...]
-                 ) -> tuple[str, ...]:
-        if name == kpis.ACTION:
-            return (self.bounds.bound("action", labels[0]), labels[1])
-        if name == kpis.ANNOTATION:  # priority follows from the reason: no extra series
-            return (labels[0], str(priority(labels[0])))
-        return labels[: len(extra)]
+    def kept(self, metric: KpiMetric) -> tuple[str, ...]:
+        dropped = self.drops.get(metric.exported_name, frozenset())
+        return tuple(label for label in metric.labels if label not in dropped)
 
-    def _counters(self, series: dict[int, _FigureIndex]) -> Iterator:
-        for metric, help_text, figure, extra, use_sum in _COUNTERS:
-            family = CounterMetricFamily(metric, help_text,
-                                         labels=("partition", *DIMENSION_LABELS, *extra))
-            for partition, by_figure in series.items():
-                cells: dict[tuple[str, ...], float] = {}
-                for labels, dims, (count, total) in by_figure.get(figure, ()):
-                    key = (*self.bounds.dims(dims), *self._bounded(figure, labels, extra))
-                    cells[key] = cells.get(key, 0.0) + (total if use_sum else count)
-                    for zero in _ZERO_LABELS.get(figure, ()):
-                        cells.setdefault((*key[:3], *zero), 0.0)
-                for key, value in sorted(cells.items()):
-                    family.add_metric((str(partition), *key), value)
+    def _values(self, metric: KpiMetric, labels: tuple[str, ...], dims: kpis.Dims,
+                kept: tuple[str, ...]) -> tuple[str, ...]:
+        bounded = self._dims.get(dims)
+        if bounded is None:
+            bounded = self._dims[dims] = {name: self.bounds.bound(name, value)
+                                          for name, value in zip(DIMENSIONS, dims, strict=True)}
+        values = dict(bounded)
+        for name, value in zip(FIGURE_LABELS.get(metric.figure, ()), labels, strict=False):
+            values[name] = self.bounds.bound(name, value) if name in ("action", "name") \
+                else value
+        if "priority" in kept:
+            values["priority"] = str(priority(values["reason"]))
+        return tuple(values[name] for name in kept)
+
+    def _counter(self, metric: KpiMetric, series: Iterable[_Series]) -> CounterMetricFamily:
+        kept = self.kept(metric)
+        family = CounterMetricFamily(metric.name, metric.help, labels=kept)
+        cells: dict[tuple[str, ...], float] = {}
+        for labels, dims, (count, total) in series:
+            key = self._values(metric, labels, dims, kept)
+            cells[key] = cells.get(key, 0.0) + (total if metric.use_sum else count)
+        zero = _ZERO_VALUES.get(metric.figure)
+        if zero is not None and zero[0] in kept:
+            at = kept.index(zero[0])
+            for key in list(cells):
+                for value in zero[1]:
+                    cells.setdefault((*key[:at], value, *key[at + 1:]), 0.0)
+        for key, value in sorted(cells.items()):
+            family.add_metric(key, value)
+        return family
+
+    def _histogram(self, metric: KpiMetric, series: Iterable[_Series]) -> HistogramMetricFamily:
+        kept = self.kept(metric)
+        family = HistogramMetricFamily(metric.name, metric.help, labels=kept)
+        bounds = HISTOGRAM_BUCKETS[metric.figure]
+        histograms = self.figures.total.histograms
+        merged: dict[tuple[str, ...], tuple[list[int], float]] = {}
+        for labels, dims, (_, observed_sum) in series:
+            buckets = histograms[(metric.figure, labels, dims)]
+            key = self._values(metric, labels, dims, kept)
+            counts, total = merged.get(key, ([0] * len(buckets), 0.0))
+            merged[key] = ([a + b for a, b in zip(counts, buckets, strict=True)],
+                           total + observed_sum)
+        for key, (counts, total) in sorted(merged.items()):
+            cumulative, running = [], 0
+            for bound, n in zip((*bounds, math.inf), counts, strict=True):
+                running += n
+                cumulative.append((_le(bound), running))
+            family.add_metric(key, cumulative, total)
+        return family
+
+    @staticmethod
+    def _pipeline(total: Aggregate) -> Iterator:
+        for metric, help_text, name, label, known in PIPELINE:
+            family = CounterMetricFamily(metric, help_text, labels=(label,))
+            values = dict.fromkeys(known, 0)
+            for (pname, plabel), n in total.pipeline.items():
+                if pname == name:
+                    values[plabel] = values.get(plabel, 0) + n
+            for value, n in sorted(values.items()):
+                family.add_metric((value,), n)
             yield family
-
-    def _histograms(self, aggregates: dict[int, Aggregate], series: dict[int, _FigureIndex]
-                    ) -> Iterator:
-        for metric, help_text, figure, extra in _HISTOGRAMS:
-            bounds = HISTOGRAM_BUCKETS[figure]
-            family = HistogramMetricFamily(metric, help_text,
-                                           labels=("partition", *DIMENSION_LABELS, *extra))
-            for partition, agg in aggregates.items():
-                merged: dict[tuple[str, ...], tuple[list[int], float]] = {}
-                for labels, dims, (_, observed_sum) in series[partition].get(figure, ()):
-                    buckets = agg.histograms[(figure, labels, dims)]
-                    label_key = (*self.bounds.dims(dims), *labels[: len(extra)])
-                    counts, total = merged.get(label_key, ([0] * len(buckets), 0.0))
-                    counts = [a + b for a, b in zip(counts, buckets, strict=True)]
-                    merged[label_key] = (counts, total + observed_sum)
-                for label_key, (counts, total) in sorted(merged.items()):
-                    cumulative, running = [], 0
-                    for bound, n in zip((*bounds, math.inf), counts, strict=True):
-                        running += n
-                        cumulative.append((_le(bound), running))
-                    family.add_metric((str(partition), *label_key), cumulative, total)
-            yield family
-
-    def _pipeline(self, aggregates: dict[int, Aggregate]) -> Iterator:
-        for metric, help_text, name, label, known in _PIPELINE:
-            family = CounterMetricFamily(metric, help_text, labels=("partition", label))
-            for partition, agg in aggregates.items():
-                values = {value: 0 for value in known}
-                for (pname, plabel), n in agg.pipeline.items():
-                    if pname == name:
-                        values[plabel] = values.get(plabel, 0) + n
-                for value, n in sorted(values.items()):
-                    family.add_metric((str(partition), value), n)
-            yield family
-        for metric, help_text, name in _PIPELINE_UNLABELLED:
-            family = CounterMetricFamily(metric, help_text, labels=("partition",))
-            for partition, agg in aggregates.items():
-                family.add_metric((str(partition),), agg.pipeline.get((name, ""), 0))
+        for metric, help_text, name in PIPELINE_UNLABELLED:
+            family = CounterMetricFamily(metric, help_text)
+            family.add_metric((), total.pipeline.get((name, ""), 0))
             yield family
 
     def _windows(self) -> Iterator:
-        """Gauges of the latest closed event-time window of each size, per partition."""
-        labels = ("partition", "window", "intent", "agent_version")
+        """Gauges of the group's latest closed event-time window of each size."""
+        labels = ("window", "intent", "agent_version")
         families = {kind: GaugeMetricFamily(metric, help_text, labels=labels)
                     for metric, help_text, kind in GAUGES}
         ends = GaugeMetricFamily(
             "acsr_window_end_timestamp_seconds",
-            "End (epoch seconds, event time) of the closed window the acsr_window_* gauges "
-            "show.", labels=labels)
-        held = GaugeMetricFamily("acsr_window_cells",
-                                 "Window cells held in the window tables, by partition.",
-                                 labels=("partition",))
-        for partition, (cells_held, latest) in sorted(self.view.windows().items()):
-            held.add_metric((str(partition),), cells_held)
-            for size, cells in latest.items():
-                groups: dict[tuple[str, str], list[Cell]] = {}
-                for key, cell in cells:
-                    group = (self.bounds.bound("intent", key.intent),
-                             self.bounds.bound("agent_version", key.agent_version))
-                    groups.setdefault(group, []).append(cell)
-                for group, members in sorted(groups.items()):
-                    label_values = (str(partition), size_label(size), *group)
-                    for kind, value in gauge_values(members).items():
-                        if value is not None:
-                            families[kind].add_metric(label_values, value)
-                    ends.add_metric(label_values, cells[0][0].end)
+            "End (epoch seconds, event time) of the group's latest closed window, the one "
+            "the acsr_window_* gauges show: closed on every partition.", labels=("window",))
+        for size, window in sorted(self.figures.windows.items()):
+            groups: dict[tuple[str, str], list] = {}
+            for (intent, version), cells in window.cells.items():
+                group = (self.bounds.bound("intent", intent),
+                         self.bounds.bound("agent_version", version))
+                groups.setdefault(group, []).extend(cells)
+            for group, members in sorted(groups.items()):
+                for kind, value in gauge_values(members).items():
+                    if value is not None:
+                        families[kind].add_metric((size_label(size), *group), value)
+            ends.add_metric((size_label(size),), window.end)
         yield from families.values()
         yield ends
-        yield held
 
-    def _health(self, owned_partitions: int) -> Iterator:
+
+def render_group(figures: GroupFigures, bounds: LabelBounds,
+                 drops: dict[str, frozenset[str]] | None = None) -> bytes:
+    """The `/metrics/group` exposition (rendered once per change, served as bytes)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GroupCollector(figures, bounds, drops))
+    return generate_latest(registry)
+
+
+@dataclass
+class WorkerView:
+    """What the worker's own exposition reads, as plain callables (testable without Faust)."""
+
+    owned: Callable[[], set[int]] = set
+    lag: Callable[[], dict[int, int]] = dict
+    recovering: Callable[[], bool] = lambda: False
+    exporting: Callable[[], bool] = lambda: False
+    version: str = "0"
+    app_id: str = ""
+    cells_held: Callable[[], dict[int, int]] = dict  # window cells per owned partition
+
+
+class WorkerCollector(Collector):
+    """This worker's health: partitions, lag, recovery, its exporter role."""
+
+    def __init__(self, view: WorkerView) -> None:
+        self.view = view
+
+    def collect(self) -> Iterator:
+        view = self.view
         info = InfoMetricFamily("acsr_worker", "The worker's version and consumer group.")
-        info.add_metric((), {"version": self.view.version, "app_id": self.view.app_id})
+        info.add_metric((), {"version": view.version, "app_id": view.app_id})
         yield info
-        up = GaugeMetricFamily("acsr_worker_up", "1 while the worker runs.")
-        up.add_metric((), 1)
-        yield up
-        recovering = GaugeMetricFamily("acsr_table_recovery_in_progress",
-                                       "1 while tables are being recovered from changelogs.")
-        recovering.add_metric((), 1 if self.view.recovering() else 0)
-        yield recovering
+        yield _gauge("acsr_worker_up", "1 while the worker runs.", 1)
+        yield _gauge("acsr_table_recovery_in_progress",
+                     "1 while tables are being recovered from changelogs.",
+                     1 if view.recovering() else 0)
+        yield _gauge("acsr_partitions_owned", "Events partitions this worker owns.",
+                     len(view.owned()))
+        yield _gauge("acsr_group_exporter", "1 while this worker serves the group's KPI "
+                     "figures at /metrics/group (one worker of the group at a time).",
+                     1 if view.exporting() else 0)
         lag = GaugeMetricFamily("acsr_consumer_lag_messages",
                                 "Messages of the events topic not yet processed, by partition.",
                                 labels=("partition",))
-        for partition, value in sorted(self.view.lag().items()):
+        for partition, value in sorted(view.lag().items()):
             lag.add_metric((str(partition),), value)
         yield lag
-        owned = GaugeMetricFamily("acsr_partitions_owned", "Events partitions this worker owns.")
-        owned.add_metric((), owned_partitions)
-        yield owned
+        held = GaugeMetricFamily("acsr_window_cells",
+                                 "Window cells held in the window tables, by partition.",
+                                 labels=("partition",))
+        for partition, cells in sorted(view.cells_held().items()):
+            held.add_metric((str(partition),), cells)
+        yield held
 
 
-_FigureIndex = dict[str, list[tuple[tuple[str, ...], kpis.Dims, list[float]]]]
+def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, help_text)
+    family.add_metric((), value)
+    return family
+
+
+_Series = tuple[tuple[str, ...], kpis.Dims, list[float]]
+_FigureIndex = dict[str, list[_Series]]
 
 
 def _by_figure(series: dict[tuple[str, tuple[str, ...], kpis.Dims], list[float]]
@@ -288,10 +317,10 @@ def _le(bound: float) -> str:
 EVENT_TIME_LAG_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
 
 
-def build_registry(view: WorkerView, bounds: LabelBounds) -> tuple[CollectorRegistry, Histogram]:
-    """A registry with the KPI collector and the process-local event-time lag histogram."""
+def build_registry(view: WorkerView) -> tuple[CollectorRegistry, Histogram]:
+    """The worker's own registry: its health and the event-time lag it observed."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(KpiCollector(view, bounds))
+    registry.register(WorkerCollector(view))
     lag = Histogram("acsr_event_time_lag_seconds",
                     "Processing time minus event time, observed as events are processed.",
                     buckets=EVENT_TIME_LAG_BUCKETS, registry=registry)

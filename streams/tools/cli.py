@@ -127,8 +127,10 @@ def run_worker(settings: Settings) -> int:
         loop.run_until_complete(ensure_topics(settings.bootstrap_servers, {
             settings.events_topic: settings.partitions,
             settings.dlq_topic: settings.partitions,
+            settings.group_topic: 1,
             **settings.rekeying_topics,
-        }, settings.replication_factor, settings.broker_wait_s, kafka_client_kwargs(settings)))
+        }, settings.replication_factor, settings.broker_wait_s, kafka_client_kwargs(settings),
+            settings.topic_configs))
     finally:
         loop.close()
     asyncio.set_event_loop(asyncio.new_event_loop())

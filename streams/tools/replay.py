@@ -27,6 +27,7 @@ import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
+from prometheus_client.parser import text_string_to_metric_families
 
 from streams.config import Settings
 from streams.core.events import message_key
@@ -273,14 +274,46 @@ async def internal_topics_done(consumer: AIOKafkaConsumer, bootstrap: str,
     return True
 
 
-async def gather_metrics(cluster: Cluster) -> str:
-    """Every worker's /metrics, summed into one exposition."""
-    texts = []
+async def gather_metrics(cluster: Cluster, report: dict[str, Any], timeout_s: float = 60.0
+                         ) -> str:
+    """The group's exposition (from the worker that exports it, once it holds what the
+    report counts), then every worker's own /metrics summed."""
+    deadline = time.monotonic() + timeout_s
+    wanted = _exposition_counts(report)
+    found: dict[str, float] = {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        for worker in cluster.running():
-            async with session.get(f"{worker.url}/metrics") as response:
-                texts.append(await response.text())
-    return merge_expositions(texts)
+        while time.monotonic() < deadline:
+            group, own = "", []
+            for worker in cluster.running():
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                    async with session.get(f"{worker.url}/metrics/group") as response:
+                        text = await response.text()
+                        group = text if text.strip() else group
+                    async with session.get(f"{worker.url}/metrics") as response:
+                        own.append(await response.text())
+            if group and (found := counted_in(group)) == wanted:
+                return group + merge_expositions(own)
+            await asyncio.sleep(0.5)
+    raise ReplayError(f"the group's exposition never showed the report's counts {wanted} "
+                      f"(last seen: {found or 'no exporter'})")
+
+
+def _exposition_counts(report: dict[str, Any]) -> dict[str, float]:
+    events = report["events"]
+    return {"acsr_events_total": events["valid"], "acsr_events_invalid_total": events["invalid"],
+            "acsr_events_duplicate_total": events["duplicate"],
+            "acsr_cases_concluded_total": report["totals"]["cases_concluded"]}
+
+
+def counted_in(exposition: str) -> dict[str, float]:
+    """The sums `gather_metrics` compares with the report's counts."""
+    sums = dict.fromkeys(("acsr_events_total", "acsr_events_invalid_total",
+                          "acsr_events_duplicate_total", "acsr_cases_concluded_total"), 0.0)
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name in sums:
+                sums[sample.name] += sample.value
+    return sums
 
 
 async def gather_aggregates(cluster: Cluster, partitions: int, timeout_s: float = 60.0
@@ -334,12 +367,14 @@ def isolated(settings: Settings, run: str) -> Settings:
         repartition_topic=f"{prefix}.events.by-case",
         dlq_topic=f"{prefix}.events.dlq", links_topic=f"{prefix}.case-links",
         annotation_topic=f"{prefix}.annotation.queue", windows_topic=f"{prefix}.kpi.windows",
+        group_topic=f"{prefix}.kpi.group",
     )
 
 
 async def create_topics(settings: Settings) -> None:
     await ensure_topics(settings.bootstrap_servers, settings.topics, settings.replication_factor,
-                        settings.broker_wait_s, kafka_client_kwargs(settings))
+                        settings.broker_wait_s, kafka_client_kwargs(settings),
+                        settings.topic_configs)
 
 
 # Sends the lines to the events topic; returns the end offset of every partition.
@@ -414,7 +449,7 @@ async def run_replay(
         timings["process_s"] = time.monotonic() - t0
         aggregate = await gather_aggregates(cluster, settings.partitions)
         report = build_report(aggregate, settings.report_window_s)
-        metrics = await gather_metrics(cluster)
+        metrics = await gather_metrics(cluster, report)
     except KafkaError as err:
         raise ReplayError(f"broker error: {err}") from None
     finally:

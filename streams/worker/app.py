@@ -17,7 +17,7 @@ from typing import Any
 import faust
 from faust.types import TP
 from faust.web import Request, Response, View
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 
 from streams import __version__
 from streams.config import Settings
@@ -29,8 +29,10 @@ from streams.faust_patches.fixes import keep_uncommitted
 from streams.faust_patches.tables import AcknowledgedTable, writes_on
 from streams.kafka.reader import OutputTopicError
 from streams.kafka.security import faust_credentials, kafka_client_kwargs
-from streams.metrics.exporter import LabelBounds, WorkerView, build_registry
+from streams.metrics.exporter import WorkerView, build_registry
+from streams.metrics.group import RECENT_WINDOWS, Snapshot
 from streams.worker.batches import BatchProcessor
+from streams.worker.group import GroupExport
 from streams.worker.outputs import REASON_HEADER, KafkaOutputs
 from streams.worker.rekey import Rekeyer
 from streams.worker.topics import Topics, declare_topics
@@ -137,7 +139,7 @@ class Worker:
 
     def __init__(self, app: faust.App, settings: Settings, deliveries: Deliveries) -> None:
         self.app, self.settings, self.deliveries = app, settings, deliveries
-        client_options = kafka_client_kwargs(settings)  # our own clients, secured like Faust's
+        client_options = self.client_options = kafka_client_kwargs(settings)  # our clients
         self.topics: Topics = declare_topics(app, settings)
         self.cases = acknowledged_table(app, "cases", settings.partitions, str)
         self.records = acknowledged_table(app, "partitions", settings.partitions, int)
@@ -147,19 +149,29 @@ class Worker:
             sample_rate=settings.sample_resolved_rate)
         self.windows = WindowTables(app, settings, self.ledger.windows,
                                     self.ledger.watermarks.get, client_options)
-        self.registry, self.event_time_lag = build_registry(
-            WorkerView(self.owned_aggregates, self.consumer_lag, self.recovering, __version__,
-                       settings.app_id, windows=self.latest_closed_windows),
-            LabelBounds(limit=settings.label_limit, allowed=settings.label_allow_lists()))
-        self.outputs = KafkaOutputs(settings, self.topics, client_options, self.registry)
+        self.outputs_registry()
         self.processor = BatchProcessor(
             self.ledger, self.cases, self.records, self.windows, self.outputs,
             bounds=settings.event_time_bounds, repartitions=settings.repartitions,
-            writes_on=writes_on, applied=self.observe_lag)
+            writes_on=writes_on, applied=self.applied)
+        self.group = GroupExport(
+            app, settings, client_options, owned=self.owned_partitions,
+            ready=lambda: not self.recovering(),
+            busy=lambda partition: self.processor.locks[partition].locked(),
+            snapshot=self.partition_snapshot)
         self.rekeyer = (Rekeyer(self.topics.cases, self.topics.source_times,
                                 settings.bootstrap_servers, client_options,
                                 self.outputs.case_routing, settings.event_time_bounds)
                         if settings.repartitions else None)
+
+    def outputs_registry(self) -> None:
+        """The worker's own exposition and the outputs that count into it."""
+        self.registry, self.event_time_lag = build_registry(WorkerView(
+            owned=self.owned_partitions, lag=self.consumer_lag, recovering=self.recovering,
+            exporting=lambda: bool(self.group.exposition()), version=__version__,
+            app_id=self.settings.app_id, cells_held=self.cells_held))
+        self.outputs = KafkaOutputs(self.settings, self.topics, self.client_options,
+                                    self.registry)
 
     # --- what the agents run -------------------------------------------------------------
 
@@ -191,7 +203,9 @@ class Worker:
             await self.app.crash(err)
             raise
 
-    def observe_lag(self, plan: BatchPlan) -> None:
+    def applied(self, plan: BatchPlan) -> None:
+        """A batch landed: its event-time lag observed, its partition's figures changed."""
+        self.group.changed(plan.partition)
         now = time.time()
         for applied in plan.applied:
             self.event_time_lag.observe(max(0.0, now - applied.event.ts_us / 1e6))
@@ -224,6 +238,7 @@ class Worker:
         self.ledger.drop(gone)
         self.windows.forget(gone)
         self.outputs.forget(gone)
+        self.group.forget(gone)
 
     # --- what the views read (never changing state) -------------------------------------
 
@@ -232,8 +247,18 @@ class Worker:
         owned = self.owned_partitions()
         return {p: agg for p, agg in self.ledger.aggregates.items() if p in owned}
 
-    def latest_closed_windows(self) -> dict[int, Any]:
-        return self.windows.latest_closed(self.owned_aggregates())
+    def cells_held(self) -> dict[int, int]:
+        return {partition: len(windows) for partition, windows in self.windows.partitions.items()
+                if partition in self.owned_partitions()}
+
+    def partition_snapshot(self, partition: int) -> Snapshot | None:
+        """The partition's figures for the group topic (None until derived)."""
+        aggregate = self.ledger.aggregates.get(partition)
+        windows = self.windows.partitions.get(partition)
+        if aggregate is None or windows is None:
+            return None
+        recent = windows.recent_closed(self.ledger.watermarks.get(partition), RECENT_WINDOWS)
+        return Snapshot.of(partition, self.ledger.positions.get(partition, 0), aggregate, recent)
 
     def consumer_lag(self) -> dict[int, int]:
         lag = {}
@@ -262,7 +287,7 @@ def build_app(settings: Settings) -> faust.App:
     app = faust_app(settings)
     worker = Worker(app, settings, install_patches(app, settings))
     add_agents(app, worker)
-    add_views(app, worker.registry, worker)
+    add_views(app, worker)
     return app
 
 
@@ -285,6 +310,15 @@ def add_agents(app: faust.App, worker: Worker) -> None:
         async for event in stream.events():
             if await deliveries.in_order(event.message):
                 await worker.processor.apply_link(event.message)
+                worker.group.changed(event.message.partition)
+
+    @app.timer(interval=worker.settings.group_publish_s)
+    async def publish_figures() -> None:
+        await worker.group.publish()
+
+    @app.task
+    async def follow_group() -> None:
+        await worker.group.follow()
 
     @app.timer(interval=DELIVERY_CHECK_S)
     async def check_deliveries() -> None:
@@ -306,13 +340,21 @@ def add_agents(app: faust.App, worker: Worker) -> None:
         worker.rebuild()
 
 
-def add_views(app: faust.App, registry: CollectorRegistry, worker: Worker) -> None:
+def add_views(app: faust.App, worker: Worker) -> None:
     @app.page("/metrics")
     class MetricsView(View):
-        """Prometheus exposition of this worker's partitions."""
+        """This worker's own health (job `acsr`)."""
 
         async def get(self, request: Request) -> Response:
-            return self.bytes(generate_latest(registry), content_type=METRICS_CONTENT_TYPE)
+            return self.bytes(generate_latest(worker.registry),
+                              content_type=METRICS_CONTENT_TYPE)
+
+    @app.page("/metrics/group")
+    class GroupMetricsView(View):
+        """The group's KPI figures (job `acsr-group`): empty on all but the exporter."""
+
+        async def get(self, request: Request) -> Response:
+            return self.bytes(worker.group.exposition(), content_type=METRICS_CONTENT_TYPE)
 
     @app.page("/kpis/")
     class KpisView(View):

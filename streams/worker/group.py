@@ -1,0 +1,147 @@
+"""The group's exposition: every worker publishes its partitions' figures, one serves them.
+
+    batch landed -> (every ACSR_GROUP_PUBLISH_S) snapshot of each changed owned partition
+    -> group topic (one partition, compacted) -> every worker follows it (GroupState)
+    -> the exporter (the owner of partition 0) admits new label values, stores them in
+       the topic, renders -> /metrics/group
+
+A snapshot is taken only between batches (the partition's lock free), when every write of
+the last batch has been acknowledged, so it never holds a figure a crash could take back.
+Every worker follows the topic, so a new exporter needs only to read to its end before it
+serves: what it serves is then at least what the one before served (docs/architecture.md,
+The group's exposition).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import faust
+from aiokafka import TopicPartition
+
+from streams.config import Settings
+from streams.kafka.reader import reader
+from streams.metrics.exporter import GroupFigures, LabelBounds, render_group
+from streams.metrics.group import (
+    LABELS_KEY,
+    GroupState,
+    Snapshot,
+    SnapshotError,
+    labels_record,
+    snapshot_key,
+)
+from streams.worker.topics import RAW
+
+log = logging.getLogger("acsr_metrics")
+
+FOLLOW_POLL_MS = 500
+RENDER_EVERY_S = 1.0  # the exposition is rendered at most this often (a scrape reads bytes)
+CAUGHT_UP_AFTER_S = 0.5  # a read that found nothing this long after taking over: at the end
+
+
+class GroupExport:
+    """Publishes this worker's partitions, follows the group topic, serves the exposition
+    while this worker is the exporter."""
+
+    def __init__(self, app: faust.App, settings: Settings, client: dict[str, Any], *,
+                 owned: Callable[[], set[int]], ready: Callable[[], bool],
+                 busy: Callable[[int], bool], snapshot: Callable[[int], Snapshot | None]
+                 ) -> None:
+        self.settings, self.client = settings, client
+        self.owned, self.ready, self.busy, self.snapshot = owned, ready, busy, snapshot
+        self.topic = app.topic(settings.group_topic, partitions=1, **RAW)
+        self.state = GroupState()
+        self.bounds = LabelBounds(settings.label_limit, settings.label_allow_lists())
+        self.drops = settings.metric_drops
+        self.changes: dict[int, int] = {}
+        self.published: dict[int, int] = {}
+        self.rendered, self.rendered_version, self.rendered_at = b"", -1, 0.0
+        self.exporter_since: float | None = None  # when this worker took the role over
+        self.serving = False
+        self.unreadable = 0
+
+    # --- publishing -------------------------------------------------------------------
+
+    def changed(self, partition: int) -> None:
+        self.changes[partition] = self.changes.get(partition, 0) + 1
+
+    def forget(self, partitions: set[int]) -> None:
+        """Revoked: if they come back, their first snapshot is sent again."""
+        for partition in partitions:
+            self.published.pop(partition, None)
+
+    async def publish(self) -> None:
+        """Send a snapshot of each owned partition changed since its last one."""
+        if not self.ready():
+            return
+        for partition in sorted(self.owned()):
+            change = self.changes.get(partition, 0)
+            if self.published.get(partition) == change or self.busy(partition):
+                continue
+            snapshot = self.snapshot(partition)
+            if snapshot is None:
+                continue
+            sent = await self.topic.send(key=snapshot_key(partition), value=snapshot.to_bytes(),
+                                         partition=0, force=True)
+            await sent
+            self.published[partition] = change
+
+    # --- following and serving --------------------------------------------------------
+
+    async def follow(self) -> None:
+        """Read the group topic from its start, for as long as the worker runs."""
+        tp = TopicPartition(self.settings.group_topic, 0)
+        async with reader(self.settings.bootstrap_servers, client=self.client) as consumer:
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            while True:
+                started = time.monotonic()
+                batch = await consumer.getmany(tp, timeout_ms=FOLLOW_POLL_MS)
+                for record in batch.get(tp, ()):
+                    self.apply(record.key, record.value)
+                await self.refresh(at_end=not batch, read_started=started)
+
+    def apply(self, key: bytes | None, value: bytes | None) -> None:
+        try:
+            self.state.apply(key, value)
+        except (SnapshotError, KeyError, TypeError, ValueError) as err:
+            self.unreadable += 1
+            log.warning("group topic %s: record %r skipped: %s", self.settings.group_topic,
+                        key, err)
+
+    def is_exporter(self) -> bool:
+        """The owner of partition 0 of the cases topic, once its tables are recovered."""
+        return 0 in self.owned() and self.ready()
+
+    async def refresh(self, at_end: bool, read_started: float) -> None:
+        if not self.is_exporter():
+            self.exporter_since, self.serving = None, False
+            return
+        if self.exporter_since is None:
+            self.exporter_since = time.monotonic()
+        if not self.serving:
+            # Serve only once the topic was read to its end by a read begun after the
+            # takeover: then this view holds all the previous exporter served.
+            self.serving = at_end and read_started >= self.exporter_since + CAUGHT_UP_AFTER_S
+        if not self.serving or self.state.version == self.rendered_version:
+            return
+        if time.monotonic() - self.rendered_at < RENDER_EVERY_S and self.rendered:
+            return
+        total = self.state.total()
+        self.bounds.admitted = {k: list(v) for k, v in self.state.admitted.items()}
+        new = self.bounds.admit(self.state.label_values(total))
+        if new:  # stored before any series shows them, so every exporter keeps them
+            sent = await self.topic.send(key=LABELS_KEY, value=labels_record(self.bounds.admitted),
+                                         partition=0, force=True)
+            await sent
+            self.state.admit(new)
+        figures = GroupFigures(total, self.state.group_windows(), len(self.state.figures))
+        self.rendered = render_group(figures, self.bounds, self.drops)
+        self.rendered_version, self.rendered_at = self.state.version, time.monotonic()
+
+    def exposition(self) -> bytes:
+        """What /metrics/group serves: the group's figures, or nothing on other workers."""
+        return self.rendered if self.serving and self.is_exporter() else b""
