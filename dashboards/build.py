@@ -3,9 +3,14 @@
     python dashboards/build.py            # (re)write the JSON files
     python dashboards/build.py --check    # exit 1, listing the files that differ
 
-Every query sums away `partition` and `instance` (`sum by (...)`), reads counters only
-through `rate()`/`increase()` over `$__rate_interval`, and filters KPI series by the
-`$intent`, `$channel` and `$agent_version` variables. Metric names are the ones
+Every query aggregates with `sum by (...)` (so `instance` and `job` never split a
+panel), reads counters only through `rate()`/`increase()` over `$__rate_interval`, and
+filters KPI series by the `$intent`, `$channel` and `$agent_version` variables. The KPI
+series are the consumer group's (job `acsr-group`, served once at /metrics/group) and
+carry no `partition`; only the workers' own gauges (consumer lag) are by partition. The
+KPI histograms carry `intent` and `agent_version` but no `channel`: their queries filter
+by `$intent` and `$agent_version` only (a `channel` matcher would empty them), and their
+panels say they are not split by channel. Metric names are the ones
 `streams/metrics/exporter.py` exposes (see docs/kpis.md).
 """
 
@@ -59,10 +64,24 @@ EVENT_DRIVEN_PANELS: frozenset[tuple[str, str]] = frozenset({
 # --- PromQL helpers ---------------------------------------------------------------
 
 KPI_FILTER = 'intent=~"$intent", channel=~"$channel", agent_version=~"$agent_version"'
+# The KPI histograms (and what is divided by their counts) are not split by channel.
+HIST_FILTER = 'intent=~"$intent", agent_version=~"$agent_version"'
+HISTOGRAMS = ("acsr_handling_time_seconds", "acsr_csat_score", "acsr_ces_score",
+              "acsr_response_latency_seconds", "acsr_evaluation_score")
+NO_CHANNEL = ("Not split by channel: the histogram has no channel label, so the Channel "
+              "filter does not apply.")
 
 
-def sel(metric: str, matchers: str = "", kpi: bool = True) -> str:
-    parts = [m for m in (KPI_FILTER if kpi else "", matchers) if m]
+def is_histogram(metric: str) -> bool:
+    return metric.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") \
+        in HISTOGRAMS
+
+
+def sel(metric: str, matchers: str = "", kpi: bool = True, channel: bool = True) -> str:
+    """`metric{...}` with the KPI filter (without `channel` for a histogram, or when
+    `channel` is False) and `matchers`."""
+    kpi_filter = KPI_FILTER if channel and not is_histogram(metric) else HIST_FILTER
+    parts = [m for m in (kpi_filter if kpi else "", matchers) if m]
     return f"{metric}{{{', '.join(parts)}}}" if parts else metric
 
 
@@ -72,9 +91,9 @@ def _by(labels: Iterable[str]) -> str:
 
 
 def rate(metric: str, matchers: str = "", by: Iterable[str] = (), kpi: bool = True,
-         fn: str = "rate", offset: str = "") -> str:
+         fn: str = "rate", offset: str = "", channel: bool = True) -> str:
     off = f" offset {offset}" if offset else ""
-    return f"{_by(by)}({fn}({sel(metric, matchers, kpi)}[{RATE}]{off}))"
+    return f"{_by(by)}({fn}({sel(metric, matchers, kpi, channel)}[{RATE}]{off}))"
 
 
 def ratio(num: str, den: str) -> str:
@@ -145,7 +164,9 @@ def thumbs_down_share(by: Iterable[str] = ()) -> str:
 
 
 def fallback_rate(by: Iterable[str] = ()) -> str:
-    return ratio(rate("acsr_fallback_responses_total", by=by),
+    """Over the responses the latency histogram counts, which has no channel: the
+    numerator is not filtered by channel either, so the ratio stays one of like for like."""
+    return ratio(rate("acsr_fallback_responses_total", by=by, channel=False),
                  rate("acsr_response_latency_seconds_count", by=by))
 
 
@@ -272,10 +293,11 @@ def overview() -> db.Dashboard:
                     "percentunit", [Q(escalation_rate())],
                     [(None, "green"), (0.15, "orange"), (0.25, "red")], 1), 3),
         (stat_panel("AHT p50", "Median handling time of autonomous cases (opened to "
-                    "concluded), from the histogram.", "s",
+                    f"concluded), from the histogram. {NO_CHANNEL}", "s",
                     [Q(quantile(0.5, "acsr_handling_time_seconds"))],
                     [(None, "green"), (300, "orange"), (900, "red")]), 3),
-        (stat_panel("AHT p90", "90th percentile handling time of autonomous cases.", "s",
+        (stat_panel("AHT p90", "90th percentile handling time of autonomous cases. "
+                    + NO_CHANNEL, "s",
                     [Q(quantile(0.9, "acsr_handling_time_seconds"))],
                     [(None, "green"), (600, "orange"), (1800, "red")]), 3),
         (stat_panel("Compliance score",
@@ -293,10 +315,12 @@ def overview() -> db.Dashboard:
                     [(None, "red"), (0.8, "orange"), (0.9, "green")], 1), 3),
     ]
     stats2: Row = [
-        (stat_panel("CSAT", "Mean CSAT score (1-5) of the surveys submitted.", "none",
+        (stat_panel("CSAT", f"Mean CSAT score (1-5) of the surveys submitted. {NO_CHANNEL}",
+                    "none",
                     [Q(mean("acsr_csat_score"))],
                     [(None, "red"), (3.5, "orange"), (4.2, "green")], 2, 1, 5), 4),
-        (stat_panel("CES", "Mean customer effort score (1-7, 7 = very easy).", "none",
+        (stat_panel("CES", f"Mean customer effort score (1-7, 7 = very easy). {NO_CHANNEL}",
+                    "none",
                     [Q(mean("acsr_ces_score"))],
                     [(None, "red"), (4, "orange"), (5.5, "green")], 2, 1, 7), 4),
         (stat_panel("Cost per autonomous resolution",
@@ -308,7 +332,8 @@ def overview() -> db.Dashboard:
         (stat_panel("Override rate", "Cases with a human override / conclusions.",
                     "percentunit", [Q(override_rate())],
                     [(None, "green"), (0.05, "orange"), (0.1, "red")], 1), 4),
-        (stat_panel("Response latency p90", "90th percentile agent response latency.", "s",
+        (stat_panel("Response latency p90", "90th percentile agent response latency. "
+                    + NO_CHANNEL, "s",
                     [Q(quantile(0.9, "acsr_response_latency_seconds"))],
                     [(None, "green"), (2, "orange"), (5, "red")], 2), 4),
     ]
@@ -323,7 +348,8 @@ def overview() -> db.Dashboard:
     series2: Row = [
         (ts_panel("Escalation rate over time", "Escalated conclusions / all conclusions.",
                   "percentunit", [Q(escalation_rate(), "escalation rate")], 0, 1), 8),
-        (ts_panel("AHT p50 / p90", "Handling time quantiles of autonomous cases.", "s",
+        (ts_panel("AHT p50 / p90", f"Handling time quantiles of autonomous cases. {NO_CHANNEL}",
+                  "s",
                   [Q(quantile(0.5, "acsr_handling_time_seconds"), "p50"),
                    Q(quantile(0.9, "acsr_handling_time_seconds"), "p90")], 0), 8),
         (ts_panel("Compliance vs objective", "Compliance score against its 99.9% objective.",
@@ -333,7 +359,8 @@ def overview() -> db.Dashboard:
     series3: Row = [
         (ts_panel("FCR over time", "First-contact resolution of autonomous cases.", "percentunit",
                   [Q(fcr(), "FCR")], 0, 1), 8),
-        (ts_panel("CSAT and CES", "Mean CSAT (1-5) and CES (1-7) over time.", "none",
+        (ts_panel("CSAT and CES", f"Mean CSAT (1-5) and CES (1-7) over time. {NO_CHANNEL}",
+                  "none",
                   [Q(mean("acsr_csat_score"), "CSAT"), Q(mean("acsr_ces_score"), "CES")],
                   0, 7), 8),
         (ts_panel("Cost per autonomous resolution over time", "USD per autonomous conclusion.",
@@ -386,11 +413,11 @@ def quality() -> db.Dashboard:
                     [Q(thumbs_down_share(), "thumbs down")], 0, 1), 8),
           (ts_panel("Override rate", "Cases with a human override / conclusions.",
                     "percentunit", [Q(override_rate(), "override rate")], 0, 1), 8)], 8),
-        ([(bar_panel("CSAT distribution", "CSAT surveys per second by score bucket (le).",
-                     "cps", [Q(rate("acsr_csat_score_bucket", by=("le",)), "{{le}}",
+        ([(bar_panel("CSAT distribution", "CSAT surveys per second by score bucket (le). "
+                     + NO_CHANNEL, "cps", [Q(rate("acsr_csat_score_bucket", by=("le",)), "{{le}}",
                                instant=True, fmt=dist)]), 12),
-          (bar_panel("CES distribution", "CES surveys per second by score bucket (le).",
-                     "cps", [Q(rate("acsr_ces_score_bucket", by=("le",)), "{{le}}",
+          (bar_panel("CES distribution", "CES surveys per second by score bucket (le). "
+                     + NO_CHANNEL, "cps", [Q(rate("acsr_ces_score_bucket", by=("le",)), "{{le}}",
                                instant=True, fmt=dist)]), 12)], 8),
         ([(ts_panel("Annotation queue inflow by reason",
                     "Cases routed to the annotation queue per second, by reason.", "cps",
@@ -406,12 +433,15 @@ def quality() -> db.Dashboard:
           (ts_panel("Knowledge flags by kind", "Knowledge flagged per second, by kind.", "cps",
                     [Q(rate("acsr_knowledge_flags_total", by=("kind",)), "{{kind}}")]), 12)],
          8),
-        ([(ts_panel("Evaluation scores", "Mean evaluation score (0-1) by evaluation name.",
-                    "percentunit", [Q(mean("acsr_evaluation_score", ("name",)), "{{name}}")],
-                    0, 1), 12),
+        ([(ts_panel("Evaluation scores", "Mean evaluation score (0-1) by evaluation name. "
+                    + NO_CHANNEL, "percentunit",
+                    [Q(mean("acsr_evaluation_score", ("name",)), "{{name}}")], 0, 1), 12),
           (ts_panel("Fallback responses and reopens",
                     "Safe fallback answers / responses sent, and reopened autonomous cases "
-                    "/ autonomous conclusions.", "percentunit",
+                    "/ autonomous conclusions. The fallback rate is not split by channel: "
+                    "responses are counted by the response latency histogram, which has no "
+                    "channel label, so the Channel filter applies to the reopen rate only.",
+                    "percentunit",
                     [Q(fallback_rate(), "fallback rate"),
                      Q(ratio(rate("acsr_reopens_total"),
                              rate(CONCLUDED, 'outcome="autonomous"')), "reopen rate")],
@@ -447,25 +477,30 @@ def agent_versions() -> db.Dashboard:
               "percentunit", claimed(v), 0, 1),
         panel("Escalation rate", "Escalated conclusions / conclusions.", "percentunit",
               escalation_rate(v), 0, 1),
-        panel("AHT p50", "Median handling time of autonomous cases.", "s",
+        panel("AHT p50", f"Median handling time of autonomous cases. {NO_CHANNEL}", "s",
               quantile(0.5, "acsr_handling_time_seconds", v)),
-        panel("AHT p90", "90th percentile handling time of autonomous cases.", "s",
+        panel("AHT p90", f"90th percentile handling time of autonomous cases. {NO_CHANNEL}",
+              "s",
               quantile(0.9, "acsr_handling_time_seconds", v)),
         panel("Compliance score", "Passed policy checks / policy checks (objective 99.9%).",
               "percentunit", compliance(v), None, 1),
         panel("FCR", "First-contact resolution of autonomous cases.", "percentunit", fcr(v),
               0, 1),
-        panel("CSAT", "Mean CSAT score (1-5).", "none", mean("acsr_csat_score", v), 1, 5),
-        panel("CES", "Mean CES score (1-7).", "none", mean("acsr_ces_score", v), 1, 7),
+        panel("CSAT", f"Mean CSAT score (1-5). {NO_CHANNEL}", "none",
+              mean("acsr_csat_score", v), 1, 5),
+        panel("CES", f"Mean CES score (1-7). {NO_CHANNEL}", "none", mean("acsr_ces_score", v),
+              1, 7),
         panel("Cost per autonomous resolution", "USD per autonomous conclusion.",
               "currencyUSD", cost_per_resolution(v)),
         panel("Override rate", "Overridden cases / conclusions.", "percentunit",
               override_rate(v), 0, 1),
         panel("Thumbs-down share", "Thumbs-down votes / votes.", "percentunit",
               thumbs_down_share(v), 0, 1),
-        panel("Response latency p90", "90th percentile response latency.", "s",
+        panel("Response latency p90", f"90th percentile response latency. {NO_CHANNEL}", "s",
               quantile(0.9, "acsr_response_latency_seconds", v)),
-        panel("Fallback rate", "Fallback answers / responses sent.", "percentunit",
+        panel("Fallback rate", "Fallback answers / responses sent. Not split by channel: "
+              "responses are counted by the response latency histogram, which has no channel "
+              "label, so the Channel filter does not apply.", "percentunit",
               fallback_rate(v), 0, 1),
         panel("Suggestion adoption rate", "Adopted / reviewed AI-drafted replies.",
               "percentunit", adoption_rate(v), 0, 1),
@@ -491,14 +526,21 @@ def pipeline() -> db.Dashboard:
 
     rows: list[tuple[Row, int]] = [
         ([(stat_panel("Workers up", "Workers answering scrapes (acsr_worker_up).", "none",
-                      [Q("sum(acsr_worker_up)")], [(None, "red"), (1, "green")], 0), 4),
+                      [Q("sum(acsr_worker_up)")], [(None, "red"), (1, "green")], 0), 3),
           (stat_panel("Partitions owned", "Events partitions owned by the workers, summed.",
                       "none", [Q("sum(acsr_partitions_owned)")], [(None, "red"), (1, "green")],
-                      0), 4),
+                      0), 3),
+          (stat_panel("Group exporter",
+                      "Workers serving the group's KPI figures at /metrics/group (sum of "
+                      "acsr_group_exporter): 1 is right. 0 (or no value): no worker serves "
+                      "them, every KPI panel stops (runbook AcsrGroupExporterMissing); more "
+                      "than 1: two sources under one identity (AcsrGroupExporterDuplicated).",
+                      "none", [Q("sum(acsr_group_exporter)")],
+                      [(None, "red"), (1, "green"), (2, "red")], 0), 3),
           (stat_panel("Tables recovering", "Workers recovering tables from changelogs "
                       "(1 while a worker recovers).", "none",
                       [Q("sum(acsr_table_recovery_in_progress)")],
-                      [(None, "green"), (1, "orange")], 0), 4),
+                      [(None, "green"), (1, "orange")], 0), 3),
           (stat_panel("Consumer lag", "Messages of the events topic not yet processed, all "
                       "partitions.", "short", [Q("sum(acsr_consumer_lag_messages)")],
                       [(None, "green"), (1000, "orange"), (10000, "red")], 0), 4),
@@ -518,8 +560,8 @@ def pipeline() -> db.Dashboard:
           (ts_panel("Misrouted events",
                     "Valid events per second found on a partition that ACSR_PARTITIONER does "
                     "not give their case_id: 0 unless the producers use another partitioner "
-                    "(fcr is then wrong). The worker log names the value that fits; per "
-                    "partition: acsr_events_misrouted_total (runbook AcsrEventsMisrouted).",
+                    "(fcr is then wrong). The worker log names the partitions and the value "
+                    "that fits (runbook AcsrEventsMisrouted).",
                     "cps", [Q(r("acsr_events_misrouted_total"), "misrouted")], 0), 8)], 8),
         ([(ts_panel("Late events by window size",
                     "Events for an already closed window per second (event-driven: empty "
@@ -543,10 +585,15 @@ def pipeline() -> db.Dashboard:
                     [Q(quantile(0.5, "acsr_event_time_lag_seconds", kpi=False), "p50"),
                      Q(quantile(0.99, "acsr_event_time_lag_seconds", kpi=False), "p99")], 0), 8),
           (ts_panel("Workers, partitions and recovery",
-                    "Workers up, partitions owned and workers recovering tables.", "none",
+                    "Workers up, partitions owned, workers recovering tables, workers serving "
+                    "the group's KPI figures (1 is right) and the partitions those figures "
+                    "hold (acsr_group_partitions: as many as the partitions owned).", "none",
                     [Q("sum(acsr_worker_up)", "workers up"),
                      Q("sum(acsr_partitions_owned)", "partitions owned"),
-                     Q("sum(acsr_table_recovery_in_progress)", "recovering")], 0), 8)], 8),
+                     Q("sum(acsr_table_recovery_in_progress)", "recovering"),
+                     Q("sum(acsr_group_exporter)", "group exporters"),
+                     Q("sum(acsr_group_partitions)", "partitions in the group's figures")],
+                    0), 8)], 8),
     ]
     return _dashboard("acsr-pipeline", "ACSR / Pipeline health",
                       "Is the stream processor keeping up, and is its input clean?", rows,

@@ -25,25 +25,33 @@ def prometheus_binary() -> str:
     return binary
 
 
-@contextmanager
-def running_prometheus(targets: list[str], workdir: Path, rule_files: list[Path] | None = None
-                       ) -> Iterator[str]:
-    """Prometheus scraping `targets` every second as the shipped configuration does
-    (deploy/prometheus/prometheus.yml): job `acsr` each worker's /metrics, job
-    `acsr-group` the group's /metrics/group with `instance="group"`; yields its base URL."""
-    binary = prometheus_binary()
-    config = workdir / "prometheus.yml"
-    rules = "".join(f"\n  - {path}" for path in rule_files or [])
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        + (f"rule_files:{rules}\n" if rules else "")
-        + "scrape_configs:\n  - job_name: acsr\n    static_configs:\n"
+def scrape_configs(targets: list[str]) -> str:
+    """The `scrape_configs:` section of the shipped configuration
+    (deploy/prometheus/prometheus.yml) with static `targets`: job `acsr` each worker's
+    /metrics, job `acsr-group` the group's /metrics/group with `instance="group"`."""
+    return (
+        "scrape_configs:\n  - job_name: acsr\n    static_configs:\n"
         + f"      - targets: {targets!r}\n"
         + "  - job_name: acsr-group\n    metrics_path: /metrics/group\n"
         + "    static_configs:\n"
         + f"      - targets: {targets!r}\n"
         + "    metric_relabel_configs:\n      - target_label: instance\n"
         + "        replacement: group\n"
+    )
+
+
+@contextmanager
+def running_prometheus(targets: list[str], workdir: Path, rule_files: list[Path] | None = None
+                       ) -> Iterator[str]:
+    """Prometheus scraping `targets` every second as the shipped configuration does
+    (`scrape_configs`); yields its base URL."""
+    binary = prometheus_binary()
+    config = workdir / "prometheus.yml"
+    rules = "".join(f"\n  - {path}" for path in rule_files or [])
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        + (f"rule_files:{rules}\n" if rules else "")
+        + scrape_configs(targets)
     )
     port = free_port()
     log = (workdir / "prometheus.log").open("wb")
@@ -93,3 +101,22 @@ def wait_for_value(url: str, promql: str, expected: float, timeout_s: float = 60
                 return value
         time.sleep(0.5)
     return value
+
+
+Series = tuple[dict[str, str], list[tuple[float, float]]]
+
+
+def raw_samples(url: str, selector: str, seconds: int) -> list[Series]:
+    """Every sample Prometheus stored for `selector` over the last `seconds` (a range
+    selector queried at the present: the raw samples, staleness markers left out), as each
+    series' labels and its (time, value) pairs in time order."""
+    return [(series["metric"], [(float(t), float(v)) for t, v in series["values"]])
+            for series in query(url, f"{selector}[{seconds}s]")]
+
+
+def query_range(url: str, promql: str, start: float, end: float, step: float) -> list[Series]:
+    """A range query: each series' labels and its (time, value) points, one a `step`."""
+    params = urllib.parse.urlencode({"query": promql, "start": start, "end": end,
+                                     "step": step})
+    return [(series["metric"], [(float(t), float(v)) for t, v in series["values"]])
+            for series in get_json(f"{url}/api/v1/query_range?{params}")["data"]["result"]]

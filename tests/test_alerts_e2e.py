@@ -33,7 +33,7 @@ from streams.kafka.broker import free_port
 from streams.tools.replay import Cluster, create_topics, isolated, produce, wait_processed
 
 from .conftest import BrokerInfo
-from .prometheus_helpers import get_json, prometheus_binary, wait_for_value
+from .prometheus_helpers import get_json, prometheus_binary, scrape_configs, wait_for_value
 
 pytestmark = pytest.mark.integration
 
@@ -108,8 +108,7 @@ def running_prometheus_with_alerting(target: str, alertmanager: str, rule_files:
         f"rule_files:{rules}\n"
         "alerting:\n  alertmanagers:\n    - static_configs:\n"
         f"        - targets: ['{alertmanager.removeprefix('http://')}']\n"
-        "scrape_configs:\n  - job_name: acsr\n    static_configs:\n"
-        f"      - targets: ['{target}']\n"
+        + scrape_configs([target])
     )
     port = free_port()
     with _process([prometheus_binary(), f"--config.file={config}",
@@ -162,7 +161,8 @@ async def test_compliance_drop_reaches_alertmanager(kafka: BrokerInfo, tmp_path:
                                  settings.tansu)
             await wait_processed(cluster, settings.bootstrap_servers, ends, lambda done: None,
                                  120)
-            assert wait_for_value(url, "sum(acsr_policy_checks_total)", 60, 60) == 60
+            checks = 'sum(acsr_policy_checks_total{job="acsr-group"})'
+            assert wait_for_value(url, checks, 60, 60) == 60
             time.sleep(3)  # a few scrapes of the compliant baseline
             assert firing(alertmanager) == []
 

@@ -33,7 +33,7 @@ from streams.core.events import parse_event
 from streams.core.kpis import Aggregate, Fact
 from streams.core.ledger import RECORD_LIMIT, Ledger
 from streams.core.windows import WindowPolicy
-from streams.metrics.exporter import LabelBounds, WorkerView, build_registry
+from streams.metrics.exporter import GroupCollector, GroupFigures, LabelBounds
 
 TS = 1_795_352_400_000
 ROUTING_REASONS = {"thumbs_down", "low_csat", "low_ces", "escalated", "unverified_resolution",
@@ -60,9 +60,9 @@ def test_the_metric_carries_the_priority_of_its_reason() -> None:
     agg = Aggregate()
     for reason in ("human_override", "escalated", "low_csat", "low_csat"):
         agg.add_fact(Fact(kpis.ANNOTATION, (reason,), 1.0, ("refund", "web", "v1")))
-    registry, _ = build_registry(WorkerView(lambda: {0: agg}), LabelBounds())
     samples = {(s.labels["reason"], s.labels["priority"]): s.value
-               for metric in registry.collect() for s in metric.samples
+               for metric in GroupCollector(GroupFigures(agg), LabelBounds()).collect()
+               for s in metric.samples
                if s.name == "acsr_annotation_routed_total"}
     assert samples == {("human_override", "1"): 1, ("escalated", "2"): 1, ("low_csat", "3"): 2}
 

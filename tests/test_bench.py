@@ -182,12 +182,13 @@ def test_summary_table() -> None:
                                      "peak_rss_summary": summary,
                                      "samples_summary": {"min": 4000.0, "median": 4100.0,
                                                          "max": 4200.0},
-                                     "render_ms_summary": summary}},
+                                     "render_ms_summary": summary,
+                                     "scrape_ms_summary": summary}},
         "latency": {"skipped": True}, "memory": {"skipped": True},
     }
     table = bench.format_table(results)
     assert "raw ceiling (ev/s)" in table and "processor, 1 worker (ev/s)" in table
-    assert "4,100" in table and "/metrics render, idle (ms)" in table
+    assert "4,100" in table and "group exposition render (ms)" in table
     assert "processor, 2 workers (ev/s)" in bench.format_table(
         {**results, "config": {"partitions": 4, "workers": 2}})
     assert "latency: skipped" in table and "memory: skipped" in table

@@ -15,10 +15,16 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from streams.core import kpis
 from streams.core.kpis import Aggregate, Fact
+from streams.core.metric_labels import FIGURE_LABELS, METRICS
 from streams.metrics import exporter
-from streams.metrics.exporter import LabelBounds, WorkerView, build_registry
+from streams.metrics.exporter import (
+    GroupFigures,
+    LabelBounds,
+    WorkerView,
+    build_registry,
+    render_group,
+)
 
 promql_parser = pytest.importorskip("promql_parser")
 pytest.importorskip("grafana_foundation_sdk")
@@ -62,25 +68,35 @@ def substitute(expr: str, rate_interval: str = "5m") -> str:
     return re.sub(r"\$\{?(\w+)\}?", ".*", expr)
 
 
-# --- the metric names a worker exposes, from a real exposition -----------------------
+# --- the metric names the group and a worker expose, from real expositions ----------
 
-def exported_metric_names() -> set[str]:
-    """Sample names of an exposition where every counter, histogram and pipeline figure
-    has a value (so no family is empty)."""
-    dims = ("refund", "web", "v1")
-    agg = Aggregate()
-    for _, _, figure, extra, _ in exporter._COUNTERS:
-        agg.add_fact(Fact(figure, tuple("x" for _ in extra), 1.0, dims))
-    for _, _, figure, extra in exporter._HISTOGRAMS:
-        agg.add_fact(Fact(figure, tuple("x" for _ in extra), 1.0, dims))
-    for _, _, name, _, _ in exporter._PIPELINE:
-        agg.count(name, "x")
-    agg.count(kpis.DUPLICATE, "")
-    registry, lag = build_registry(WorkerView(lambda: {0: agg}, lambda: {0: 3}), LabelBounds())
-    lag.observe(1.0)
-    text = generate_latest(registry).decode()
+def _names(text: str) -> set[str]:
     return {sample.name for family in text_string_to_metric_families(text)
             for sample in family.samples}
+
+
+def group_metric_names() -> set[str]:
+    """Sample names of a /metrics/group exposition where every counter, histogram and
+    pipeline figure has a value (so no family is empty)."""
+    dims = ("refund", "web", "v1")
+    agg = Aggregate()
+    for metric in METRICS:
+        labels = tuple("x" for _ in FIGURE_LABELS.get(metric.figure, ()))
+        agg.add_fact(Fact(metric.figure, labels, 1.0, dims))
+    for _, _, name, _, _ in exporter.PIPELINE:
+        agg.count(name, "x")
+    for _, _, name in exporter.PIPELINE_UNLABELLED:
+        agg.count(name, "")
+    return _names(render_group(GroupFigures(agg, partitions=4), LabelBounds()).decode())
+
+
+def worker_metric_names() -> set[str]:
+    """Sample names of a worker's own /metrics."""
+    registry, lag = build_registry(WorkerView(owned=lambda: {0}, lag=lambda: {0: 3},
+                                              exporting=lambda: True,
+                                              cells_held=lambda: {0: 2}))
+    lag.observe(1.0)
+    return _names(generate_latest(registry).decode())
 
 
 def recording_rule_names() -> set[str]:
@@ -94,15 +110,27 @@ def recording_rule_names() -> set[str]:
     return names
 
 
-EXPORTED = exported_metric_names()
+GROUP_EXPORTED = group_metric_names()
+WORKER_EXPORTED = worker_metric_names()
+EXPORTED = GROUP_EXPORTED | WORKER_EXPORTED
+HISTOGRAMS = {metric.name for metric in METRICS if metric.histogram}
 
 
-def test_the_exposition_holds_every_kpi_and_pipeline_family() -> None:
+def test_the_expositions_hold_every_kpi_pipeline_and_worker_family() -> None:
     for name in ("acsr_cases_concluded_total", "acsr_handling_time_seconds_bucket",
-                 "acsr_events_late_total", "acsr_event_time_lag_seconds_bucket",
-                 "acsr_consumer_lag_messages", "acsr_worker_up", "acsr_partitions_owned",
-                 "acsr_table_recovery_in_progress", "acsr_evaluation_score_count"):
-        assert name in EXPORTED
+                 "acsr_events_late_total", "acsr_evaluation_score_count",
+                 "acsr_group_partitions"):
+        assert name in GROUP_EXPORTED
+        assert name not in WORKER_EXPORTED
+    for name in ("acsr_event_time_lag_seconds_bucket", "acsr_consumer_lag_messages",
+                 "acsr_worker_up", "acsr_partitions_owned", "acsr_table_recovery_in_progress",
+                 "acsr_group_exporter"):
+        assert name in WORKER_EXPORTED
+        assert name not in GROUP_EXPORTED
+
+
+def test_the_build_knows_the_kpi_histograms() -> None:
+    assert set(build.HISTOGRAMS) == HISTOGRAMS
 
 
 # --- committed JSON --------------------------------------------------------------------
@@ -209,6 +237,15 @@ def test_overview_stats_have_thresholds() -> None:
         assert panel["fieldConfig"]["defaults"]["thresholds"]["steps"], panel["title"]
 
 
+def test_the_pipeline_shows_the_group_exporter() -> None:
+    stats = {p["title"]: p for p in panels(DASHBOARDS["acsr-pipeline"]) if p["type"] == "stat"}
+    exporter_panel = stats["Group exporter"]
+    assert [t["expr"] for t in exporter_panel["targets"]] == ["sum(acsr_group_exporter)"]
+    steps = exporter_panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [(s.get("value"), s["color"]) for s in steps] == [(None, "red"), (1, "green"),
+                                                             (2, "red")]
+
+
 def test_event_driven_panels_exist() -> None:
     titles = {(uid, p["title"]) for uid, doc in DASHBOARDS.items() for p in panels(doc)}
     assert titles >= build.EVENT_DRIVEN_PANELS
@@ -282,6 +319,7 @@ def test_ranges_are_the_rate_interval(uid: str, title: str, expr: str) -> None:
 @pytest.mark.parametrize(("uid", "title", "expr"), all_targets())
 def test_series_are_summed_without_partition_and_instance(uid: str, title: str,
                                                           expr: str) -> None:
+    """The KPI series have no `partition`; `instance` is a worker's (or `group`)."""
     for node, ancestors in selectors(expr):
         aggregations = [a for a in ancestors if isinstance(a, promql_parser.AggregateExpr)]
         assert aggregations, f"{uid} / {title}: {node.name} is not aggregated"
@@ -294,22 +332,54 @@ def test_series_are_summed_without_partition_and_instance(uid: str, title: str,
             assert "partition" not in labels, (uid, title)
 
 
+def _family(name: str) -> str:
+    return (name.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+            .removesuffix("_total"))
+
+
+def _matched_labels(expr: str) -> list[tuple[str, set[str], set[str]]]:
+    """(metric, labels matched by their variable, every label matched) per KPI selector;
+    read from the query before the variables are substituted."""
+    ast = promql_parser.parse(expr.replace("$__rate_interval", "5m").replace("$", "VAR_"))
+    out = []
+    for node, _ in walk(ast):
+        if isinstance(node, promql_parser.VectorSelector) and node.name.startswith(KPI_PREFIXES):
+            by_variable = {m.name for m in node.matchers.matchers
+                           if m.value == f"VAR_{m.name}"}
+            out.append((node.name, by_variable, {m.name for m in node.matchers.matchers}))
+    return out
+
+
 @pytest.mark.parametrize(("uid", "title", "expr"), all_targets())
 def test_kpi_queries_filter_by_the_variables(uid: str, title: str, expr: str) -> None:
-    for node, _ in selectors(expr):
-        if node.name.startswith(KPI_PREFIXES):
-            for name in KPI_VARIABLES:
-                assert f'{name}=~"${name}"' in expr, (uid, title, node.name, name)
+    """Counters by intent, channel and agent version; histograms (no `channel` label) by
+    intent and agent version only, and a query that reads a histogram filters nothing
+    by channel (a ratio of a channel's counter to every channel's histogram is wrong)."""
+    selected = _matched_labels(expr)
+    reads_histogram = any(_family(name) in HISTOGRAMS for name, _, _ in selected)
+    for name, by_variable, matched in selected:
+        if reads_histogram:
+            assert by_variable == {"intent", "agent_version"}, (uid, title, name)
+            assert "channel" not in matched, (uid, title, name)
+        else:
+            assert by_variable == set(KPI_VARIABLES), (uid, title, name)
 
 
-KPI_PREFIXES = tuple(
-    [name for name, *_ in exporter._COUNTERS] + [name for name, *_ in exporter._HISTOGRAMS]
-)
+def test_histogram_panels_say_they_are_not_split_by_channel() -> None:
+    for uid, doc in DASHBOARDS.items():
+        for panel in panels(doc):
+            exprs = [target["expr"] for target in panel.get("targets", [])]
+            if any(_family(name) in HISTOGRAMS for expr in exprs
+                   for name, _, _ in _matched_labels(expr)):
+                assert "not split by channel" in panel["description"].lower(), \
+                    (uid, panel["title"])
+
+
+KPI_PREFIXES = tuple(metric.name for metric in METRICS)
 
 
 def test_dashboards_name_every_kpi_family() -> None:
     used = {node.name for _, _, expr in all_targets() for node, _ in selectors(expr)}
-    families = {name.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
-                .removesuffix("_total") for name in used}
+    families = {_family(name) for name in used}
     missing = {name for name in KPI_PREFIXES if name not in families}
     assert not missing, f"no panel shows {sorted(missing)}"

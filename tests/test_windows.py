@@ -31,7 +31,8 @@ from streams.core.windows import (
     message_key,
 )
 from streams.kafka.partitioners import CRC32, CaseRouting
-from streams.metrics.exporter import KpiCollector, LabelBounds, WorkerView
+from streams.metrics.exporter import GroupCollector, GroupFigures, LabelBounds
+from streams.metrics.group import RECENT_WINDOWS, GroupState, Snapshot
 from streams.worker.batches import BatchProcessor
 
 from .batch_fakes import Outputs, Table, events, run_now
@@ -395,17 +396,21 @@ def test_the_exporter_shows_the_latest_closed_window_with_bounded_labels() -> No
                        ev("csat_submitted", 3 * HOUR_MS, "c9", score=3)])
     windows = d.windows[0]
     watermark = d.ledger.watermarks[0]
-    view = WorkerView(dict, windows=lambda: {0: (len(windows), windows.latest_closed(watermark))})
+    group = GroupState()
+    group.add(Snapshot.of(0, 0, d.ledger.aggregates[0],
+                          windows.recent_closed(watermark, RECENT_WINDOWS)))
+    bounds = LabelBounds(limit=1)
+    bounds.admit(group.label_values(group.total()))
+    figures = GroupFigures(group.total(), group.group_windows(), 1)
     values = {(s.name, s.labels.get("window"), s.labels.get("intent")): s.value
-              for family in KpiCollector(view, LabelBounds(limit=1)).collect()
+              for family in GroupCollector(figures, bounds).collect()
               for s in family.samples if s.name.startswith("acsr_window")}
     # 16:00: the 14:00 hour is the latest closed; 'beta' is beyond the label limit: 'other'
     assert values[("acsr_window_cases_concluded", "3600", "alpha")] == 1
     assert values[("acsr_window_cases_concluded", "3600", "other")] == 1
     assert values[("acsr_window_compliance_ratio", "3600", "alpha")] == 1.0
     assert ("acsr_window_compliance_ratio", "3600", "other") not in values  # no check: none
-    assert values[("acsr_window_end_timestamp_seconds", "3600", "alpha")] == \
+    assert values[("acsr_window_end_timestamp_seconds", "3600", None)] == \
         (T0_MS + 2 * HOUR_MS) / 1000
     assert values[("acsr_window_policy_checks_passed", "60", "alpha")] == 1  # 14:11
-    assert values[("acsr_window_cells", None, None)] == len(windows)
     assert not any(intent == "beta" for _, _, intent in values)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -21,10 +22,30 @@ VERSIONS = ("v7", "v8")
 REASONS = ("low_confidence", "policy_ambiguity", "tool_failure", "customer_request",
            "negative_sentiment", "mystery_reason")
 START_MS = 1_795_352_400_000  # 2026-11-22T13:00:00Z
+EVALUATIONS = ("groundedness", "tone")
+ACTIONS = ("refund", "lookup_order", "update_address")
 
 
-def _case_events(rng: random.Random, case_id: str, start_ms: int, related: str | None
-                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+@dataclass(frozen=True)
+class Shape:
+    """The label values traffic draws from."""
+
+    intents: tuple[str, ...] = INTENTS
+    channels: tuple[str, ...] = CHANNELS
+    versions: tuple[str, ...] = VERSIONS
+    evaluations: tuple[str, ...] = EVALUATIONS
+    actions: tuple[str, ...] = ACTIONS
+
+
+# The exposition budget's shape (docs/kpis.md, Labels): 7 intents, 5 channels, 2 agent
+# versions, 3 evaluation names, 6 actions.
+WIDE = Shape(intents=(*INTENTS, "cancellation", "warranty"), channels=(*CHANNELS, "chat"),
+             evaluations=(*EVALUATIONS, "helpfulness"),
+             actions=(*ACTIONS, "cancel_order", "issue_voucher", "reset_password"))
+
+
+def _case_events(rng: random.Random, case_id: str, start_ms: int, related: str | None,
+                 shape: Shape = Shape()) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """A conversation's events, and its feedback events (which arrive later)."""
     t = start_ms
     seq = 0
@@ -36,13 +57,13 @@ def _case_events(rng: random.Random, case_id: str, start_ms: int, related: str |
         return {"event_id": f"{case_id}-{seq}", "type": event_type, "case_id": case_id, "ts": t,
                 **fields}
 
-    opened: dict[str, Any] = {"channel": rng.choice(CHANNELS),
-                              "agent_version": rng.choice(VERSIONS)}
+    opened: dict[str, Any] = {"channel": rng.choice(shape.channels),
+                              "agent_version": rng.choice(shape.versions)}
     if related:
         opened["related_case_id"] = related
     out = [event("case_opened", **opened)]
     if rng.random() < 0.95:
-        out.append(event("intent_classified", intent=rng.choice(INTENTS),
+        out.append(event("intent_classified", intent=rng.choice(shape.intents),
                          confidence=round(rng.random(), 3)))
     for index in range(rng.randint(0, 3)):
         out.append(event("policy_checked", policy=f"p{index}", passed=rng.random() > 0.05))
@@ -51,7 +72,7 @@ def _case_events(rng: random.Random, case_id: str, start_ms: int, related: str |
                          cost_usd=round(rng.uniform(0.001, 0.02), 5),
                          fallback=rng.random() < 0.05))
     if rng.random() < 0.6:
-        action = rng.choice(("refund", "lookup_order", "update_address"))
+        action = rng.choice(shape.actions)
         out.append(event("action_executed", action=action, success=rng.random() > 0.1,
                          latency_ms=rng.randint(50, 2000), cost_usd=0.002))
         if rng.random() < 0.3:
@@ -77,7 +98,7 @@ def _case_events(rng: random.Random, case_id: str, start_ms: int, related: str |
         feedback.append(event("suggestion_reviewed", adopted=rng.random() < 0.6))
     if rng.random() < 0.08:
         feedback.append(event("knowledge_flagged", kind=rng.choice(("irrelevant", "missing"))))
-    for name in ("groundedness", "tone"):
+    for name in shape.evaluations:
         if rng.random() < 0.3:
             feedback.append(event("evaluation_scored", name=name,
                                   score=round(rng.random(), 3)))
@@ -87,7 +108,7 @@ def _case_events(rng: random.Random, case_id: str, start_ms: int, related: str |
 
 
 def generate(cases: int, seed: int = 7, invalid_share: float = 0.005,
-             duplicate_share: float = 0.005) -> Iterator[bytes]:
+             duplicate_share: float = 0.005, shape: Shape = Shape()) -> Iterator[bytes]:
     """Message values for `cases` cases, interleaved in arrival order."""
     rng = random.Random(seed)
     timeline: list[tuple[int, int, bytes]] = []
@@ -97,7 +118,7 @@ def generate(cases: int, seed: int = 7, invalid_share: float = 0.005,
         case_id = f"case-{seed}-{index:06d}"
         start = START_MS + index * rng.randint(2_000, 8_000)
         related = rng.choice(finished) if finished and rng.random() < 0.05 else None
-        events, feedback = _case_events(rng, case_id, start, related)
+        events, feedback = _case_events(rng, case_id, start, related, shape)
         finished.append(case_id)
         delay = rng.randint(60_000, 4 * 3_600_000)
         for doc in events:

@@ -179,6 +179,14 @@ def size_label(size: int) -> str:
     return str(size)
 
 
+class RecentClosed(NamedTuple):
+    """One size's recently closed windows of a partition (`PartitionWindows.recent_closed`)."""
+
+    closed_start: int  # the latest window the partition's event time closed
+    covered_from: int | None  # windows from here on are all known (None: every one held)
+    cells: dict[int, list[tuple[WindowKey, Cell]]]  # by start: the windows holding cells
+
+
 class PartitionWindows:
     """The window cells of one events partition, and which windows are still open."""
 
@@ -266,20 +274,22 @@ class PartitionWindows:
         self._next_expiry_us = min(
             (self.rules.expires_at_us(*w) for w in self._members), default=None)
 
-    def recent_closed(self, watermark_us: int | None, count: int
-                      ) -> dict[int, tuple[int, dict[int, list[tuple[WindowKey, Cell]]]]]:
-        """Per size: the start of the latest window the partition's event time has closed
-        (whether it holds cells or not), and the cells of the `count` windows up to it
-        that hold any. The group's windows are summed from these (streams/metrics/group.py)."""
+    def recent_closed(self, watermark_us: int | None, count: int) -> dict[int, RecentClosed]:
+        """Per size: the start of the latest window the partition's event time has closed,
+        and the cells of the latest `count` closed windows that hold any. Every closed
+        window from the earliest of those on (from any, if fewer) that is not among them
+        holds none. The group's windows are summed from these (streams/metrics/group.py)."""
         if watermark_us is None:
             return {}
-        out: dict[int, tuple[int, dict[int, list[tuple[WindowKey, Cell]]]]] = {}
+        out: dict[int, RecentClosed] = {}
         for size in self.rules.sizes:
             closed = self.rules.latest_closed_start(size, watermark_us)
-            recent = {start: sorted((key, self.cells[key]) for key in members)
-                      for (member_size, start), members in self._members.items()
-                      if member_size == size and closed - (count - 1) * size <= start <= closed}
-            out[size] = (closed, recent)
+            starts = sorted((start for member_size, start in self._members
+                             if member_size == size and start <= closed), reverse=True)[:count]
+            recent = {start: sorted((key, self.cells[key]) for key in self._members[(size, start)])
+                      for start in starts}
+            out[size] = RecentClosed(closed, starts[-1] if len(starts) == count else None,
+                                     recent)
         return out
 
     def latest_closed(self, watermark_us: int | None) -> dict[int, list[tuple[WindowKey, Cell]]]:

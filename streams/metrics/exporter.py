@@ -254,6 +254,7 @@ class WorkerView:
     version: str = "0"
     app_id: str = ""
     cells_held: Callable[[], dict[int, int]] = dict  # window cells per owned partition
+    render_s: Callable[[], float] = float  # the last rendering of the group's exposition
 
 
 class WorkerCollector(Collector):
@@ -276,6 +277,9 @@ class WorkerCollector(Collector):
         yield _gauge("acsr_group_exporter", "1 while this worker serves the group's KPI "
                      "figures at /metrics/group (one worker of the group at a time).",
                      1 if view.exporting() else 0)
+        yield _gauge("acsr_group_render_seconds", "How long this worker took to render the "
+                     "group's exposition the last time figures changed (0: never rendered).",
+                     view.render_s())
         lag = GaugeMetricFamily("acsr_consumer_lag_messages",
                                 "Messages of the events topic not yet processed, by partition.",
                                 labels=("partition",))

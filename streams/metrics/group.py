@@ -16,6 +16,7 @@ renders it (streams/worker/group.py). The rules that keep the series monotone li
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,13 +26,13 @@ import orjson
 
 from streams.core.kpis import Aggregate
 from streams.core.metric_labels import BOUNDED, FIGURE_LABELS
-from streams.core.windows import Cell, WindowKey
+from streams.core.windows import Cell, RecentClosed
 
 SNAPSHOT_VERSION = 1  # of the group topic's records; bump on any incompatible change
 LABELS_KEY = b"labels"
 RECENT_WINDOWS = 6  # closed windows per size a snapshot carries
-KEPT_WINDOWS = 30  # closed windows per size and partition the group keeps: how far the
-# event times of two partitions may drift apart and the group still close a window
+KEPT_WINDOWS = 30  # closed windows with cells per size and partition the group keeps:
+# how far (in such windows) two partitions may drift apart and the group still show one
 _COUNTERS_ONLY = ("offset", "emitted")  # a cell's marks, not figures
 
 
@@ -45,10 +46,30 @@ def snapshot_key(partition: int) -> bytes:
 
 @dataclass
 class WindowDigest:
-    """One size's recently closed windows on one partition."""
+    """One size's closed windows known on one partition: every window from `covered_from`
+    (None: from any) to `closed_start` is closed; those not in `cells` hold nothing."""
 
-    closed_start: int  # the latest window this partition's event time closed
+    closed_start: int
+    covered_from: int | None = None
     cells: dict[int, dict[tuple[str, str], Cell]] = field(default_factory=dict)  # by start
+
+    def merge(self, other: WindowDigest, size: int) -> WindowDigest:
+        """Both digests' knowledge (closed windows never change), if their ranges touch;
+        else the later one."""
+        def starts(d: WindowDigest) -> float:
+            return -math.inf if d.covered_from is None else d.covered_from
+
+        if starts(other) > self.closed_start + size or starts(self) > other.closed_start + size:
+            return other if other.closed_start >= self.closed_start else self
+        lowest = min(starts(self), starts(other))
+        merged = WindowDigest(max(self.closed_start, other.closed_start),
+                              None if math.isinf(lowest) else int(lowest),
+                              {**self.cells, **other.cells})
+        if len(merged.cells) > KEPT_WINDOWS:  # bounded: only the latest windows with cells
+            kept = sorted(merged.cells, reverse=True)[:KEPT_WINDOWS]
+            merged.covered_from = max(merged.covered_from or kept[-1], kept[-1])
+            merged.cells = {start: merged.cells[start] for start in kept}
+        return merged
 
 
 @dataclass
@@ -66,7 +87,7 @@ class Snapshot:
         doc = {
             "schema_version": SNAPSHOT_VERSION, "partition": self.partition,
             "offset": self.offset, "aggregate": agg,
-            "windows": [[size, digest.closed_start,
+            "windows": [[size, digest.closed_start, digest.covered_from,
                          [[start, intent, version, _cell_figures(cell)]
                           for start, cells in sorted(digest.cells.items())
                           for (intent, version), cell in sorted(cells.items())]]
@@ -78,8 +99,9 @@ class Snapshot:
     def from_bytes(cls, raw: bytes) -> Snapshot:
         doc = _load(raw)
         windows = {}
-        for size, closed_start, rows in doc.get("windows", ()):
-            digest = windows[int(size)] = WindowDigest(int(closed_start))
+        for size, closed_start, covered_from, rows in doc.get("windows", ()):
+            digest = windows[int(size)] = WindowDigest(
+                int(closed_start), None if covered_from is None else int(covered_from))
             for start, intent, version, figures in rows:
                 digest.cells.setdefault(int(start), {})[(intent, version)] = Cell(**figures)
         return cls(int(doc["partition"]), int(doc["offset"]),
@@ -87,14 +109,13 @@ class Snapshot:
 
     @classmethod
     def of(cls, partition: int, offset: int, aggregate: Aggregate,
-           recent: dict[int, tuple[int, dict[int, list[tuple[WindowKey, Cell]]]]]
-           ) -> Snapshot:
+           recent: dict[int, RecentClosed]) -> Snapshot:
         """From a partition's aggregate and `PartitionWindows.recent_closed`."""
         windows = {
-            size: WindowDigest(closed, {start: {(k.intent, k.agent_version): cell
-                                                for k, cell in cells}
-                                        for start, cells in by_start.items()})
-            for size, (closed, by_start) in recent.items()}
+            size: WindowDigest(closed, covered_from,
+                               {start: {(k.intent, k.agent_version): cell for k, cell in cells}
+                                for start, cells in by_start.items()})
+            for size, (closed, covered_from, by_start) in recent.items()}
         return cls(partition, offset, aggregate, windows)
 
 
@@ -138,8 +159,7 @@ class GroupState:
     def __init__(self) -> None:
         self.figures: dict[int, Aggregate] = {}
         self.offsets: dict[int, int] = {}
-        # partition -> size -> start of a closed window -> its cells (maybe none)
-        self.windows: dict[int, dict[int, dict[int, dict[tuple[str, str], Cell]]]] = {}
+        self.windows: dict[int, dict[int, WindowDigest]] = {}  # partition -> size -> known
         self.admitted: dict[str, list[str]] = {}
         self.version = 0  # changes with every record that changed something
 
@@ -157,18 +177,12 @@ class GroupState:
         mine = self.figures.setdefault(partition, Aggregate())
         _max_into(mine, snapshot.aggregate)
         self.offsets[partition] = max(self.offsets.get(partition, -1), snapshot.offset)
-        # A closed window never changes (a late event leaves it as it was), so every
-        # window a snapshot covers is kept, with or without cells, until the group's
-        # latest closed window has passed it.
+        # A closed window never changes (a late event leaves it as it was): what any
+        # snapshot said of one stays true, whatever order snapshots arrive in.
         held = self.windows.setdefault(partition, {})
         for size, digest in snapshot.windows.items():
-            covered = held.setdefault(size, {})
-            for start in range(digest.closed_start - (RECENT_WINDOWS - 1) * size,
-                               digest.closed_start + 1, size):
-                covered[start] = digest.cells.get(start, {})
-            for old in [start for start in covered
-                        if start < digest.closed_start - KEPT_WINDOWS * size]:
-                del covered[old]
+            known = held.get(size)
+            held[size] = (known or digest).merge(digest, size)
         self.version += 1
 
     def admit(self, admitted: dict[str, Iterable[str]]) -> bool:
@@ -192,22 +206,24 @@ class GroupState:
 
     def group_windows(self) -> dict[int, GroupWindow]:
         """Per size, the latest window that every partition with an event time has closed
-        and reported, with cells on at least one."""
+        and known, with cells on at least one."""
         out: dict[int, GroupWindow] = {}
         reporting = [held for held in self.windows.values() if held]
-        sizes = {size for held in reporting for size in held}
-        for size in sorted(sizes):
+        for size in sorted({size for held in reporting for size in held}):
             if any(size not in held for held in reporting):
                 continue  # a partition has not closed a window of this size yet
-            covered = [held[size] for held in reporting]
-            for start in sorted(set.intersection(*(set(c) for c in covered)), reverse=True):
+            digests = [held[size] for held in reporting]
+            newest = min(d.closed_start for d in digests)
+            oldest = max(-math.inf if d.covered_from is None else d.covered_from
+                         for d in digests)
+            starts = sorted({start for d in digests for start in d.cells
+                             if oldest <= start <= newest}, reverse=True)
+            if starts:
                 cells: dict[tuple[str, str], list[Cell]] = {}
-                for windows in covered:
-                    for label_key, cell in windows[start].items():
+                for digest in digests:
+                    for label_key, cell in digest.cells.get(starts[0], {}).items():
                         cells.setdefault(label_key, []).append(cell)
-                if cells:
-                    out[size] = GroupWindow(size, start, cells)
-                    break
+                out[size] = GroupWindow(size, starts[0], cells)
         return out
 
     def label_values(self, total: Aggregate) -> dict[str, list[str]]:
@@ -221,8 +237,8 @@ class GroupState:
                 if label in found:
                     found[label].add(value)
         for held in self.windows.values():
-            for covered in held.values():
-                for cells in covered.values():
+            for digest in held.values():
+                for cells in digest.cells.values():
                     for intent, version in cells:
                         found["intent"].add(intent)
                         found["agent_version"].add(version)

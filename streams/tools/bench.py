@@ -78,6 +78,7 @@ INVALID_SHARE = 0.003  # the dead-letter path stays exercised
 DUPLICATE_SHARE = 0.003
 POLL_S = 0.1  # throughput: how often the worker's progress is read
 EXPOSITION_SCRAPES = 5  # /metrics scrapes per worker timed after each throughput run
+GROUP_PATH = "/metrics/group"  # the group's figures (streams/worker/group.py)
 SCRAPE_BUSY_WARNING = 0.2  # warn when a scrape was in flight this share of the latency run
 SLICE_S = 0.1  # latency: events are sent in one slice per SLICE_S
 SETTLE_S = 1.0  # memory: wait before reading RSS so the worker is idle
@@ -380,7 +381,9 @@ def format_table(results: dict[str, Any]) -> str:
     add("worker start to 1st event (s)", throughput["processor"]["start_summary"], 1)
     add("worker peak RSS, VmHWM (MB)", throughput["processor"]["peak_rss_summary"], 0)
     add("acsr_ samples the group exposes", throughput["processor"]["samples_summary"])
-    add("/metrics render, idle (ms)", throughput["processor"]["render_ms_summary"], 1)
+    add("group exposition render (ms)", throughput["processor"]["render_ms_summary"], 1)
+    add("scrape of /metrics or /metrics/group, idle (ms)",
+        throughput["processor"]["scrape_ms_summary"], 1)
     rekeyed = results.get("repartition", {"skipped": True})
     if not rekeyed.get("skipped"):
         add("processor, repartition (ev/s)", rekeyed["summary"])
@@ -461,10 +464,12 @@ class Progress:
             self.say(f"bench: {self.label}: {text()}")
 
 
-async def scrape(session: aiohttp.ClientSession, worker: WorkerProcess) -> str | None:
-    """The worker's /metrics, or None while it does not answer (starting)."""
+async def scrape(session: aiohttp.ClientSession, worker: WorkerProcess, path: str = "/metrics"
+                 ) -> str | None:
+    """The worker's /metrics (or `path`: /metrics/group, the group's figures, served by
+    the exporter only), or None while it does not answer (starting)."""
     try:
-        async with session.get(f"{worker.url}/metrics") as response:
+        async with session.get(f"{worker.url}{path}") as response:
             if response.status != 200:
                 return None
             return await response.text()
@@ -572,11 +577,13 @@ async def worker_throughput(settings: Settings, ends: dict[int, int], log_dir: P
             polled = time.monotonic()
             texts = ([await scrape(session, each) for each in cluster.workers]
                      if t0 is None else [])
+            groups = ([await scrape(session, each, GROUP_PATH) for each in cluster.workers]
+                      if t0 is None else [])
             done = sum(min(offset, ends.get(partition, 0)) for partition, offset in
                        (await committed(offsets, settings.events_topic,
                                         settings.partitions)).items())
             if t0 is None:
-                count = sum(processed_count(text) for text in texts if text is not None)
+                count = sum(processed_count(text) for text in groups if text)
                 if done > 0 or count > 0:
                     t0, processed_at_t0 = polled, max(done, count)
                 elif group_ready(texts, settings.partitions):
@@ -598,6 +605,7 @@ async def worker_throughput(settings: Settings, ends: dict[int, int], log_dir: P
                 say(f"bench: {label}: {_throughput_progress(done, total, t0, processed_at_t0)}")
             await asyncio.sleep(max(0.0, polled + POLL_S - time.monotonic()))
         peak_kb = max(each.memory_kb().get("VmHWM", 0) for each in cluster.workers)
+        await wait_group_figures(session, cluster.workers, total)
         exposition = await measure_exposition(session, cluster.workers)
     assert t0 is not None  # done >= total > 0 sets it
     since, measured = rate_span(t0, processed_at_t0, ready_at, total)
@@ -616,23 +624,44 @@ async def worker_throughput(settings: Settings, ends: dict[int, int], log_dir: P
             "exposition": exposition}
 
 
+async def wait_group_figures(session: aiohttp.ClientSession, workers: Sequence[WorkerProcess],
+                             total: int, timeout_s: float = 60.0) -> None:
+    """Until the group's exposition counts every processed message (the workers publish
+    their figures every ACSR_GROUP_PUBLISH_S, the exporter renders them after)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        texts = [await scrape(session, worker, GROUP_PATH) for worker in workers]
+        if sum(processed_count(text) for text in texts if text) >= total:
+            return
+        await asyncio.sleep(0.25)
+    raise ReplayError(f"the group's exposition did not count all {total:,} events within "
+                      f"{timeout_s:.0f}s")
+
+
 async def measure_exposition(session: aiohttp.ClientSession, workers: Sequence[WorkerProcess],
                              scrapes: int = EXPOSITION_SCRAPES) -> dict[str, float]:
     """What Prometheus would scrape from the group once every event is processed: the
-    `acsr_` samples and bytes of all workers' /metrics, and how long a worker takes to
-    answer a scrape (the median of `scrapes` in a row, the group idle)."""
+    `acsr_` samples and bytes of the group's exposition (once) and of every worker's own
+    /metrics; how long a scrape takes (the median of `scrapes` in a row of each path on
+    each worker, the group idle), and how long the exporter took to render the group's
+    exposition (it renders when figures change, never at a scrape)."""
     samples = size = 0
-    render_s: list[float] = []
+    scrape_s: list[float] = []
+    render_s = 0.0
     for worker in workers:
-        text = None
-        for _ in range(scrapes):
-            begun = time.monotonic()
-            text = await scrape(session, worker)
-            render_s.append(time.monotonic() - begun)
-        if text is not None:
-            samples += sum(line.startswith("acsr_") for line in text.splitlines())
-            size += len(text.encode())
-    return {"samples": samples, "bytes": size, "render_s": percentile(render_s, 50)}
+        for path in ("/metrics", GROUP_PATH):
+            text = None
+            for _ in range(scrapes):
+                begun = time.monotonic()
+                text = await scrape(session, worker, path)
+                scrape_s.append(time.monotonic() - begun)
+            if text:
+                samples += sum(line.startswith("acsr_") for line in text.splitlines())
+                size += len(text.encode())
+                render_s = max(render_s, metric_sums(text, ("acsr_group_render_seconds",))
+                               .get("acsr_group_render_seconds", 0.0))
+    return {"samples": samples, "bytes": size, "scrape_s": percentile(scrape_s, 50),
+            "render_s": render_s}
 
 
 def rate_span(first_seen: float, processed_then: int, ready_at: float | None,
@@ -674,7 +703,7 @@ async def measure_latency(settings: Settings, warmup: list[bytes], lines: list[b
         async def scraper() -> None:
             while True:
                 begun = time.monotonic()
-                text = await scrape(session, worker)
+                text = await scrape(session, worker, GROUP_PATH)
                 if text is not None:
                     scrapes.append((time.monotonic(), processed_count(text)))
                     scrape_s.append(time.monotonic() - begun)
@@ -851,6 +880,8 @@ async def run_bench(options: BenchOptions, settings: Settings, work_dir: Path, s
                           "samples_summary": summarize([r["exposition"]["samples"]
                                                         for r in worker_runs]),
                           "render_ms_summary": summarize([r["exposition"]["render_s"] * 1000
+                                                          for r in worker_runs]),
+                          "scrape_ms_summary": summarize([r["exposition"]["scrape_s"] * 1000
                                                           for r in worker_runs])},
             "ratio": ratio(worker_summary["median"], raw_summary["median"]),
         },

@@ -275,9 +275,10 @@ async def internal_topics_done(consumer: AIOKafkaConsumer, bootstrap: str,
 
 
 async def gather_metrics(cluster: Cluster, report: dict[str, Any], timeout_s: float = 60.0
-                         ) -> str:
+                         ) -> tuple[str, int]:
     """The group's exposition (from the worker that exports it, once it holds what the
-    report counts), then every worker's own /metrics summed."""
+    report counts), then every worker's own /metrics summed; and the `acsr_` samples
+    Prometheus scrapes from the group (the group's once, each worker's own)."""
     deadline = time.monotonic() + timeout_s
     wanted = _exposition_counts(report)
     found: dict[str, float] = {}
@@ -292,7 +293,9 @@ async def gather_metrics(cluster: Cluster, report: dict[str, Any], timeout_s: fl
                     async with session.get(f"{worker.url}/metrics") as response:
                         own.append(await response.text())
             if group and (found := counted_in(group)) == wanted:
-                return group + merge_expositions(own)
+                scraped = sum(line.startswith("acsr_") for text in (group, *own)
+                              for line in text.splitlines())
+                return group + merge_expositions(own), scraped
             await asyncio.sleep(0.5)
     raise ReplayError(f"the group's exposition never showed the report's counts {wanted} "
                       f"(last seen: {found or 'no exporter'})")
@@ -397,6 +400,7 @@ class ReplayResult:
     timings: dict[str, float]
     settings: Settings
     metrics: str = ""
+    scraped_samples: int = 0  # `acsr_` samples Prometheus scrapes from the group
 
 
 async def run_replay(
@@ -449,7 +453,7 @@ async def run_replay(
         timings["process_s"] = time.monotonic() - t0
         aggregate = await gather_aggregates(cluster, settings.partitions)
         report = build_report(aggregate, settings.report_window_s)
-        metrics = await gather_metrics(cluster, report)
+        metrics, scraped = await gather_metrics(cluster, report)
     except KafkaError as err:
         raise ReplayError(f"broker error: {err}") from None
     finally:
@@ -457,7 +461,7 @@ async def run_replay(
         if broker is not None:
             broker.stop()
     return ReplayResult(report, len(lines), time.monotonic() - started, timings, settings,
-                        metrics)
+                        metrics, scraped)
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:

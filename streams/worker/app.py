@@ -169,7 +169,8 @@ class Worker:
         self.registry, self.event_time_lag = build_registry(WorkerView(
             owned=self.owned_partitions, lag=self.consumer_lag, recovering=self.recovering,
             exporting=lambda: bool(self.group.exposition()), version=__version__,
-            app_id=self.settings.app_id, cells_held=self.cells_held))
+            app_id=self.settings.app_id, cells_held=self.cells_held,
+            render_s=lambda: self.group.render_s))
         self.outputs = KafkaOutputs(self.settings, self.topics, self.client_options,
                                     self.registry)
 

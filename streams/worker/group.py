@@ -62,6 +62,7 @@ class GroupExport:
         self.exporter_since: float | None = None  # when this worker took the role over
         self.serving = False
         self.unreadable = 0
+        self.render_s = 0.0  # how long the last rendering of the exposition took
 
     # --- publishing -------------------------------------------------------------------
 
@@ -139,8 +140,10 @@ class GroupExport:
             await sent
             self.state.admit(new)
         figures = GroupFigures(total, self.state.group_windows(), len(self.state.figures))
+        begun = time.monotonic()
         self.rendered = render_group(figures, self.bounds, self.drops)
         self.rendered_version, self.rendered_at = self.state.version, time.monotonic()
+        self.render_s = self.rendered_at - begun
 
     def exposition(self) -> bytes:
         """What /metrics/group serves: the group's figures, or nothing on other workers."""

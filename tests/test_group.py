@@ -1,0 +1,140 @@
+"""The group's figures from partitions' snapshots: monotone in any arrival order, windows
+closed on every partition, label values stored once (no broker needed)."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streams.core import kpis
+from streams.core.kpis import Aggregate, Fact
+from streams.core.windows import Cell, RecentClosed, WindowKey, WindowPolicy, WindowRules
+from streams.metrics.group import (
+    LABELS_KEY,
+    GroupState,
+    Snapshot,
+    SnapshotError,
+    labels_record,
+    snapshot_key,
+)
+
+DIMS = ("refund", "web", "v1")
+
+
+def _history(increments: list[int]) -> list[Aggregate]:
+    """A partition's aggregate after each batch: `n` conclusions and a CSAT per batch."""
+    out, agg = [], Aggregate()
+    for n in increments:
+        for _ in range(n):
+            agg.add_fact(Fact(kpis.CONCLUDED, ("autonomous",), 1.0, DIMS))
+        agg.add_fact(Fact(kpis.CSAT, (), 4.0, DIMS))
+        agg.count(kpis.EVENT, "case_resolved", n)
+        out.append(Aggregate.from_json(agg.to_json()))
+    return out
+
+
+def _concluded(agg: Aggregate) -> float:
+    return sum(c for (name, _, _), (c, _) in agg.series.items() if name == kpis.CONCLUDED)
+
+
+def test_a_snapshot_reads_back_as_written() -> None:
+    agg = _history([3])[0]
+    cell = Cell(outcomes={"autonomous": 2}, checks=3, passed=2, offset=17, emitted=True)
+    key = WindowKey(3600, 7200, "refund", "v1")
+    snapshot = Snapshot.of(5, 120, agg, {3600: RecentClosed(7200, 3600, {7200: [(key, cell)]})})
+    back = Snapshot.from_bytes(snapshot.to_bytes())
+    assert (back.partition, back.offset) == (5, 120)
+    assert back.aggregate.series == agg.series
+    assert back.aggregate.histograms == agg.histograms
+    assert (back.windows[3600].closed_start, back.windows[3600].covered_from) == (7200, 3600)
+    read = back.windows[3600].cells[7200][("refund", "v1")]
+    assert (read.outcomes, read.checks, read.passed) == ({"autonomous": 2}, 3, 2)
+    assert read.offset == -1  # the marks of a cell are not figures
+
+
+def test_a_record_of_another_version_or_not_a_record_is_refused() -> None:
+    with pytest.raises(SnapshotError, match="not a group record"):
+        Snapshot.from_bytes(b"{}")
+    with pytest.raises(SnapshotError, match="schema_version 99"):
+        Snapshot.from_bytes(zlib.compress(b'{"schema_version": 99}'))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=6), min_size=1, max_size=4),
+       st.randoms(use_true_random=False))
+def test_the_group_never_decreases_whatever_order_snapshots_arrive_in(
+        partitions: list[list[int]], rnd) -> None:
+    """Old owners' late snapshots and new owners' first ones interleave in any order:
+    the group's figures only grow, and end at the sum of every partition's last."""
+    snapshots = [Snapshot(p, i, agg) for p, increments in enumerate(partitions)
+                 for i, agg in enumerate(_history(increments))]
+    rnd.shuffle(snapshots)
+    state, seen = GroupState(), 0.0
+    for snapshot in snapshots:
+        state.add(Snapshot.from_bytes(snapshot.to_bytes()))
+        now = _concluded(state.total())
+        assert now >= seen
+        seen = now
+    assert seen == sum(sum(increments) for increments in partitions)
+    assert state.total().pipeline[(kpis.EVENT, "case_resolved")] == seen
+
+
+def _digest_snapshot(partition: int, closed: int, cells: dict[int, int],
+                     covered_from: int | None = None) -> Snapshot:
+    """Closed hour windows up to `closed`, `cells[start]` autonomous conclusions each."""
+    recent = {3600: RecentClosed(closed, covered_from, {
+        start: [(WindowKey(3600, start, "refund", "v1"), Cell(outcomes={"autonomous": n}))]
+        for start, n in cells.items()})}
+    return Snapshot.of(partition, 0, Aggregate(), recent)
+
+
+def test_the_group_window_is_the_latest_closed_on_every_partition() -> None:
+    state = GroupState()
+    state.add(_digest_snapshot(0, 7200, {3600: 1, 7200: 2}))
+    state.add(_digest_snapshot(1, 3600, {3600: 5}))
+    window = state.group_windows()[3600]
+    assert window.start == 3600  # partition 1 has not closed 7200 yet
+    assert sum(c.autonomous for cells in window.cells.values() for c in cells) == 6
+    state.add(_digest_snapshot(1, 7200, {3600: 5}))
+    window = state.group_windows()[3600]
+    assert window.start == 7200
+    assert sum(c.autonomous for cells in window.cells.values() for c in cells) == 2
+
+
+def test_a_partition_far_behind_holds_the_group_window_at_what_all_have_closed() -> None:
+    state = GroupState()
+    busy = {start * 3600: 1 for start in range(94, 101)}  # more than a snapshot carries
+    state.add(_digest_snapshot(0, 100 * 3600, busy, covered_from=94 * 3600))
+    state.add(_digest_snapshot(1, 3 * 3600, {3 * 3600: 4}))
+    assert 3600 not in state.group_windows()  # no window known on both: none shown
+    state.add(_digest_snapshot(1, 100 * 3600, {3 * 3600: 4, 99 * 3600: 2}))
+    window = state.group_windows()[3600]
+    assert (window.start, sum(c.autonomous for cs in window.cells.values() for c in cs)) == \
+        (100 * 3600, 1)
+
+
+def test_windows_with_cells_long_ago_are_still_the_latest_closed() -> None:
+    """Sparse traffic: the latest window holding cells may be far behind event time."""
+    state = GroupState()
+    state.add(_digest_snapshot(0, 50 * 3600, {2 * 3600: 3}))
+    state.add(_digest_snapshot(1, 40 * 3600, {}))
+    assert state.group_windows()[3600].start == 2 * 3600
+
+
+def test_latest_closed_start_is_the_last_window_the_event_time_closed() -> None:
+    rules = WindowRules(WindowPolicy(sizes_s=(60,), grace_s=10), retention_s=3600)
+    # window [0, 60) closes once event time passes 70 s
+    assert rules.latest_closed_start(60, 70 * 1_000_000) == -60
+    assert rules.latest_closed_start(60, 70 * 1_000_000 + 1) == 0
+    assert rules.latest_closed_start(60, 130 * 1_000_000 + 1) == 60
+
+
+def test_admitted_label_values_are_read_back_from_the_topic() -> None:
+    state = GroupState()
+    state.apply(LABELS_KEY, labels_record({"intent": ["refund", "billing"]}))
+    state.apply(LABELS_KEY, labels_record({"intent": ["refund", "billing", "shipping"]}))
+    state.apply(snapshot_key(0), None)  # a tombstone changes nothing
+    assert state.admitted == {"intent": ["refund", "billing", "shipping"]}
