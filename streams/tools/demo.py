@@ -2,7 +2,7 @@
 
 Everything runs on this machine and stops together: Ctrl-C (or `--duration`) stops the
 simulator, Prometheus (with `--with-prometheus`), the worker, then the broker.
-The view reads the worker's `/kpis/`, the same aggregates `/metrics` exposes.
+The view reads the worker's `/kpis/`, the same aggregates `/metrics/group` exposes.
 """
 
 from __future__ import annotations
@@ -158,7 +158,13 @@ def prometheus(target: str, port: int, workdir: Path) -> Iterator[str]:
     config.write_text(json.dumps({  # JSON is YAML: no YAML writer needed
         "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
         "rule_files": [str(path) for path in rules],
-        "scrape_configs": [{"job_name": "acsr", "static_configs": [{"targets": [target]}]}],
+        "scrape_configs": [
+            {"job_name": "acsr", "static_configs": [{"targets": [target]}]},
+            # the group's figures, one series whichever worker serves them
+            {"job_name": "acsr-group", "metrics_path": "/metrics/group",
+             "static_configs": [{"targets": [target]}],
+             "metric_relabel_configs": [{"target_label": "instance", "replacement": "group"}]},
+        ],
     }, indent=2))
     with (workdir / "prometheus.log").open("wb") as log, subprocess.Popen(
         [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
@@ -185,7 +191,7 @@ async def run_demo(settings: Settings, options: DemoOptions, log_dir: Path) -> N
         cluster = Cluster(settings, 1, log_dir)
         stack.callback(cluster.stop)
         worker = cluster.add_worker(0, web_port=settings.web_port)
-        metrics_url = f"http://{settings.web_host}:{settings.web_port}/metrics"
+        metrics_url = f"http://{settings.web_host}:{settings.web_port}/metrics/group"
         print(f"worker starting; metrics at {metrics_url} (Ctrl-C stops)", flush=True)
         if options.with_prometheus:
             url = stack.enter_context(prometheus(
