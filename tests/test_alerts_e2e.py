@@ -2,7 +2,10 @@
 
 A real worker processes a compliance-drop scenario, a real Prometheus scrapes it and
 evaluates a copy of alerts/*.rules.yml, and a real Alertmanager (configured with a copy of
-alerts/alertmanager.yml) must list AcsrComplianceErrorBudgetBurnFast on its API.
+alerts/alertmanager.yml) must list AcsrComplianceErrorBudgetBurnFast on its API. Prometheus
+scrapes as the shipped configuration does (jobs `acsr` and `acsr-group`), so the rules
+read the group's KPI series; the group exposition's own alerts (AcsrGroup*) must be
+silent once the exporter serves.
 
 The rule copy is shortened so the test runs in about a minute: every range selector
 (`[5m]`, `[1h]`, `[3d]`, ...) becomes `[30s]` and every `for:` becomes `5s`; nothing else
@@ -33,7 +36,13 @@ from streams.kafka.broker import free_port
 from streams.tools.replay import Cluster, create_topics, isolated, produce, wait_processed
 
 from .conftest import BrokerInfo
-from .prometheus_helpers import get_json, prometheus_binary, scrape_configs, wait_for_value
+from .prometheus_helpers import (
+    get_json,
+    prometheus_binary,
+    query,
+    scrape_configs,
+    wait_for_value,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -176,8 +185,10 @@ async def test_compliance_drop_reaches_alertmanager(kafka: BrokerInfo, tmp_path:
             while not alerts and time.monotonic() < deadline:
                 time.sleep(1)
                 alerts = firing(alertmanager)
+            group_alerts = query(url, 'ALERTS{alertname=~"AcsrGroup.*", alertstate="firing"}')
     finally:
         cluster.stop()
+    assert group_alerts == [], group_alerts
     assert alerts, f"{ALERT} never reached Alertmanager; see {tmp_path}/prometheus.log"
     (alert,) = alerts
     assert alert["labels"]["intent"] == "refund"

@@ -4,6 +4,8 @@ The worker is fed simulated traffic (tests/traffic.py) whose event times are mov
 last minutes, in a few batches while Prometheus scrapes every second, so the counters
 grow inside the queries' rate windows. Panels listed in dashboards/build.py
 EVENT_DRIVEN_PANELS (late events, processing errors) may be empty on healthy traffic.
+The KPI series come from the group's exposition (job `acsr-group`); the panels that read
+a histogram (no `channel` label) must keep their data when a channel is picked.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import pytest
 from streams.tools.replay import Cluster, create_topics, isolated, produce, wait_processed
 
 from .conftest import BrokerInfo
-from .prometheus_helpers import prometheus_binary, query, running_prometheus
-from .test_dashboards import DASHBOARDS, build, panels, substitute
+from .prometheus_helpers import get_json, prometheus_binary, query, running_prometheus
+from .test_dashboards import DASHBOARDS, HISTOGRAMS, build, panels, substitute
 from .traffic import generate
 
 pytestmark = pytest.mark.integration
@@ -53,10 +55,19 @@ def recent_traffic(cases: int, seed: int) -> list[bytes]:
     return out
 
 
-def panel_queries() -> list[tuple[str, str, str]]:
-    return [(uid, panel["title"], substitute(target["expr"], "1m"))
+def panel_queries(channel: str | None = None) -> list[tuple[str, str, str]]:
+    """Every panel query with its variables at `.*` (`$channel` at `channel` if given)."""
+    def expr(text: str) -> str:
+        return substitute(text.replace("$channel", channel) if channel else text, "1m")
+
+    return [(uid, panel["title"], expr(target["expr"]))
             for uid, doc in DASHBOARDS.items() for panel in panels(doc)
             for target in panel.get("targets", [])]
+
+
+def reads_histogram(expr: str) -> bool:
+    return any(f"{name}_{suffix}" in expr for name in HISTOGRAMS
+               for suffix in ("bucket", "sum", "count"))
 
 
 async def test_every_panel_query_returns_data(kafka: BrokerInfo, tmp_path: Path) -> None:
@@ -84,10 +95,19 @@ async def test_every_panel_query_returns_data(kafka: BrokerInfo, tmp_path: Path)
             if empty:  # a series seen in only one scrape so far: give it a few more
                 await asyncio.sleep(5)
                 empty = _empty_queries(url)
+            # a channel picked in the dashboards: the histogram panels keep their data
+            channels = get_json(f"{url}/api/v1/label/channel/values"
+                                "?match[]=acsr_cases_concluded_total")["data"]
+            picked = [(uid, title, expr) for uid, title, expr in panel_queries(channels[0])
+                      if reads_histogram(expr)]
+            empty_picked = [(uid, title, expr) for uid, title, expr in picked
+                            if not query(url, expr)]
     finally:
         cluster.stop()
     assert not empty, "panel queries without data:\n" + "\n".join(
         f"{uid} / {title}: {expr}" for uid, title, expr in empty)
+    assert picked and not empty_picked, f"with channel {channels[0]!r}:\n" + "\n".join(
+        f"{uid} / {title}: {expr}" for uid, title, expr in empty_picked)
 
 
 def _empty_queries(url: str) -> list[tuple[str, str, str]]:
