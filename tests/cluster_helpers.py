@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from streams.tools.replay import (
 )
 
 from .conftest import BrokerInfo
+from .metrics_helpers import total
 
 
 def run_settings(kafka: BrokerInfo, partitions: int = 4, **overrides: Any) -> Settings:
@@ -76,6 +79,24 @@ async def worker_metrics(worker: WorkerProcess, timeout_s: float = 5.0) -> str:
                 session.get(f"{worker.url}/metrics") as response):
         assert response.status == 200, f"/metrics answered {response.status}"
         return await response.text()
+
+
+async def group_total(worker: WorkerProcess, name: str, expected: float,
+                      timeout_s: float = 30.0) -> float:
+    """`name` summed in the worker's /metrics/group (the group's figures, when it is the
+    exporter), polled until it is `expected` (they follow each batch within a few
+    seconds); the last value seen."""
+    deadline = time.monotonic() + timeout_s
+    value = float("nan")
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, TimeoutError, aiohttp.ClientError):
+            async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+                        as session, session.get(f"{worker.url}/metrics/group") as response):
+                value = total(await response.text(), name)
+            if value == expected:
+                break
+        await asyncio.sleep(0.25)
+    return value
 
 
 async def kill_one_mid_run(cluster: Cluster, ends: dict[int, int], total_lines: int,

@@ -156,7 +156,7 @@ async def _route(kafka: BrokerInfo, log_dir: Path) -> Routed:
                              settings.tansu)
         await wait_processed(cluster, settings.bootstrap_servers, ends, lambda done: None, 120)
         report = build_report(await gather_aggregates(cluster, settings.partitions))
-        metrics = await gather_metrics(cluster)
+        metrics, _ = await gather_metrics(cluster, report)
     finally:
         cluster.stop()
     return Routed(settings, await read_items(settings), report, metrics)

@@ -70,13 +70,13 @@ def test_demo_serves_concluded_cases_and_stops_everything_on_ctrl_c(tmp_path: Pa
         while concluded < 20 and time.monotonic() < deadline:
             assert demo.poll() is None, demo.communicate()
             with contextlib.suppress(OSError):
-                concluded = total(get(f"http://127.0.0.1:{port}/metrics"),
+                concluded = total(get(f"http://127.0.0.1:{port}/metrics/group"),
                                   "acsr_cases_concluded_total")
             time.sleep(0.5)
         assert concluded >= 20
         # Its simulated clock runs 60 times faster than the real one and starts in the
         # past: nothing it sends is dated ahead of the real clock.
-        metrics = get(f"http://127.0.0.1:{port}/metrics")
+        metrics = get(f"http://127.0.0.1:{port}/metrics/group")
         assert total(metrics, "acsr_events_invalid_total", reason="future_ts") == 0
         assert total(metrics, "acsr_events_invalid_total", reason="past_ts") == 0
         if prometheus_port:
@@ -91,7 +91,7 @@ def test_demo_serves_concluded_cases_and_stops_everything_on_ctrl_c(tmp_path: Pa
             demo.wait()
     assert demo.returncode == 0, err
     assert "Traceback" not in err
-    assert f"metrics at http://127.0.0.1:{port}/metrics" in out
+    assert f"metrics at http://127.0.0.1:{port}/metrics/group" in out
     assert "KPIs by intent" in out and "Escalations by reason" in out
     assert "pipeline: sent" in out
     deadline = time.monotonic() + 10

@@ -97,7 +97,7 @@ async def test_figures_stay_exact_through_a_worker_fault(
         await scenario.fault(cluster)
         await wait_processed(cluster, settings.bootstrap_servers, ends, lambda done: None, 120)
         report = build_report(await gather_aggregates(cluster, settings.partitions))
-        metrics = await gather_metrics(cluster)
+        metrics, _ = await gather_metrics(cluster, report)
     finally:
         cluster.stop()
     assert report_mismatches(json.loads(expected_report.read_text()), report) == []

@@ -12,7 +12,9 @@ to the other worker; a third worker joins during the third round. Over the whole
 - after each round, and at the end, the last scraped concluded-cases and valid-events
   counts equal the report the workers' tables give;
 - no series has a `partition` label, at most one worker at a time says it is the
-  exporter, and the role moved off the stopped worker.
+  exporter, and the role moved off the stopped worker;
+- the figures grew on both sides of each change (rounds 2 and 3 are produced at a pace
+  that outlasts a handover), so the handovers are exercised with figures in motion.
 
 The longest time without a scraped sample of the group's figures (the handover gap) is
 printed (`pytest -s`) and only bounded generously.
@@ -217,6 +219,7 @@ def _check(url: str, names: list[str], run: Run) -> None:
     seconds = math.ceil(run.ended - run.started) + 5
     report = run.totals[-1]
     stopped, stopped_at, joined_at = run.stopped, run.stopped_at, run.joined_at
+    assert stopped is not None
     assert "acsr_cases_concluded_total" in names and "acsr_events_total" in names, names
     assert any(name.endswith("_bucket") for name in names), names
     selector = f'{{__name__=~"{"|".join(map(re.escape, names))}",{GROUP}}}'
