@@ -35,6 +35,7 @@ from streams.tools.replay import (
 
 from .cluster_helpers import kill_one_mid_run
 from .conftest import BrokerInfo, report_mismatches
+from .metrics_helpers import samples, total
 
 pytestmark = pytest.mark.integration
 
@@ -104,9 +105,7 @@ async def test_the_wrong_setting_counts_every_misplaced_event_and_the_alert_fire
     result = await run_replay(sample_events, settings, workers=2, start_broker=False,
                               log_dir=tmp_path, load=librdkafka_default)
     assert result.report["events"]["misrouted"] == due
-    exported = sum(float(line.rsplit(" ", 1)[1]) for line in result.metrics.splitlines()
-                   if line.startswith("acsr_events_misrouted_total{"))
-    assert exported == due
+    assert total(result.metrics, "acsr_events_misrouted_total") == due
     logs = "".join(path.read_text() for path in tmp_path.glob("worker-*.log"))
     assert "set ACSR_PARTITIONER=crc32" in logs
     assert_alert_fires(result.metrics, tmp_path)
@@ -127,11 +126,14 @@ def assert_alert_fires(exposition: str, tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed (Debian package `prometheus`)")
-    counters = [line.rsplit(" ", 1) for line in exposition.splitlines()
-                if line.startswith("acsr_events_misrouted_total{")]
+    counters = [(labels, value) for name, labels, value in samples(exposition)
+                if name == "acsr_events_misrouted_total"]
+    assert counters
     # Each series starts at 0 and holds the run's count from the next scrape on.
-    inputs = [{"series": name[:-1] + ',job="acsr-metrics",instance="w:6066"}',
-               "values": f"0 {float(value):g}x20"} for name, value in counters]
+    inputs = [{"series": "acsr_events_misrouted_total{" + ",".join(
+                   f'{k}="{v}"' for k, v in {**labels, "job": "acsr-group",
+                                             "instance": "group"}.items()) + "}",
+               "values": f"0 {float(value):g}x20"} for labels, value in counters]
     fires = f"vector(1) and on() count({alert_expression('AcsrEventsMisrouted')})"
     test = {"evaluation_interval": "1m", "tests": [{
         "interval": "1m", "input_series": inputs,
