@@ -9,7 +9,8 @@ report and the Prometheus exposition are both read off aggregates, so they agree
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+import operator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -139,21 +140,22 @@ class Aggregate:
             name, _, label = key.partition("/")
             self.count(name, label, n)
 
-    def merge(self, other: Aggregate) -> None:
+    def merge(self, other: Aggregate, combine: Callable[[float, float], float] = operator.add
+              ) -> None:
+        """Add `other` in; with `combine=max`, keep the larger of each counter instead
+        (the group's view of one partition's snapshots, streams/metrics/group.py)."""
         for key, (count, total) in other.series.items():
             cell = self.series.setdefault(key, [0, 0.0])
-            cell[0] += count
-            cell[1] += total
+            cell[0], cell[1] = combine(cell[0], count), combine(cell[1], total)
         for key, buckets in other.histograms.items():
             mine = self.histograms.setdefault(key, [0] * len(buckets))
             for index, n in enumerate(buckets):
-                mine[index] += n
+                mine[index] = combine(mine[index], n)
         for key, (count, total) in other.windows.items():
             cell = self.windows.setdefault(key, [0, 0.0])
-            cell[0] += count
-            cell[1] += total
+            cell[0], cell[1] = combine(cell[0], count), combine(cell[1], total)
         for key, n in other.pipeline.items():
-            self.pipeline[key] = self.pipeline.get(key, 0) + n
+            self.pipeline[key] = combine(self.pipeline.get(key, 0), n)
 
     def to_json(self) -> dict[str, Any]:
         return {

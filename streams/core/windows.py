@@ -292,21 +292,6 @@ class PartitionWindows:
                                      recent)
         return out
 
-    def latest_closed(self, watermark_us: int | None) -> dict[int, list[tuple[WindowKey, Cell]]]:
-        """Per size, the cells of the latest closed window that holds any."""
-        if watermark_us is None:
-            return {}
-        latest: dict[int, int] = {}
-        for size, start in self._members:
-            if watermark_us > self.rules.closes_after_us(size, start) \
-                    and start > latest.get(size, -1):
-                latest[size] = start
-        return {size: sorted((key, self.cells[key]) for key in self._members[(size, start)])
-                for size, start in sorted(latest.items())}
-
-
-# --- what leaves the processor -----------------------------------------------------------
-
 
 def message_key(partition: int, key: WindowKey) -> bytes:
     """The same bytes for the same window and key, whoever emits it: a JSON array (never

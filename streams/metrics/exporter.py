@@ -33,7 +33,7 @@ from streams.core import kpis
 from streams.core.annotations import priority
 from streams.core.events import EVENT_TYPES, INVALID_REASONS
 from streams.core.kpis import HISTOGRAM_BUCKETS, OUTCOMES, Aggregate
-from streams.core.metric_labels import DIMENSIONS, FIGURE_LABELS, METRICS, KpiMetric
+from streams.core.metric_labels import BOUNDED, DIMENSIONS, FIGURE_LABELS, METRICS, KpiMetric
 from streams.core.windows import GAUGES, gauge_values, size_label
 from streams.metrics.group import GroupWindow
 
@@ -152,8 +152,7 @@ class GroupCollector(Collector):
                                           for name, value in zip(DIMENSIONS, dims, strict=True)}
         values = dict(bounded)
         for name, value in zip(FIGURE_LABELS.get(metric.figure, ()), labels, strict=False):
-            values[name] = self.bounds.bound(name, value) if name in ("action", "name") \
-                else value
+            values[name] = self.bounds.bound(name, value) if name in BOUNDED else value
         if "priority" in kept:
             values["priority"] = str(priority(values["reason"]))
         return tuple(values[name] for name in kept)
@@ -280,18 +279,19 @@ class WorkerCollector(Collector):
         yield _gauge("acsr_group_render_seconds", "How long this worker took to render the "
                      "group's exposition the last time figures changed (0: never rendered).",
                      view.render_s())
-        lag = GaugeMetricFamily("acsr_consumer_lag_messages",
-                                "Messages of the events topic not yet processed, by partition.",
-                                labels=("partition",))
-        for partition, value in sorted(view.lag().items()):
-            lag.add_metric((str(partition),), value)
-        yield lag
-        held = GaugeMetricFamily("acsr_window_cells",
-                                 "Window cells held in the window tables, by partition.",
-                                 labels=("partition",))
-        for partition, cells in sorted(view.cells_held().items()):
-            held.add_metric((str(partition),), cells)
-        yield held
+        yield _by_partition("acsr_consumer_lag_messages",
+                            "Messages of the events topic not yet processed, by partition.",
+                            view.lag())
+        yield _by_partition("acsr_window_cells",
+                            "Window cells held in the window tables, by partition.",
+                            view.cells_held())
+
+
+def _by_partition(name: str, help_text: str, values: dict[int, int]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, help_text, labels=("partition",))
+    for partition, value in sorted(values.items()):
+        family.add_metric((str(partition),), value)
+    return family
 
 
 def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
@@ -329,6 +329,21 @@ def build_registry(view: WorkerView) -> tuple[CollectorRegistry, Histogram]:
                     "Processing time minus event time, observed as events are processed.",
                     buckets=EVENT_TIME_LAG_BUCKETS, registry=registry)
     return registry, lag
+
+
+def metric_sums(text: str, names: Iterable[str]) -> dict[str, float]:
+    """Sum of every sample of each named metric (e.g. `acsr_events_total`) in an
+    exposition; a metric that is absent sums to 0."""
+    sums = dict.fromkeys(names, 0.0)
+    # Only the wanted samples' lines are parsed: a worker's exposition is large, and
+    # parsing all of it at every scrape would slow the scrapes down.
+    prefixes = tuple(f"{name}{end}" for name in names for end in ("{", " "))
+    wanted = "\n".join(line for line in text.splitlines() if line.startswith(prefixes))
+    for family in text_string_to_metric_families(wanted):
+        for sample in family.samples:
+            if sample.name in sums:
+                sums[sample.name] += sample.value
+    return sums
 
 
 def merge_expositions(texts: Iterable[str]) -> str:

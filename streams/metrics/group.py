@@ -175,7 +175,7 @@ class GroupState:
     def add(self, snapshot: Snapshot) -> None:
         partition = snapshot.partition
         mine = self.figures.setdefault(partition, Aggregate())
-        _max_into(mine, snapshot.aggregate)
+        mine.merge(snapshot.aggregate, max)
         self.offsets[partition] = max(self.offsets.get(partition, -1), snapshot.offset)
         # A closed window never changes (a late event leaves it as it was): what any
         # snapshot said of one stays true, whatever order snapshots arrive in.
@@ -243,20 +243,3 @@ class GroupState:
                         found["intent"].add(intent)
                         found["agent_version"].add(version)
         return {label: sorted(values) for label, values in found.items()}
-
-
-def _max_into(mine: Aggregate, new: Aggregate) -> None:
-    for key, (count, total) in new.series.items():
-        cell = mine.series.get(key)
-        if cell is None:
-            mine.series[key] = [count, total]
-        else:
-            cell[0], cell[1] = max(cell[0], count), max(cell[1], total)
-    for key, buckets in new.histograms.items():
-        held = mine.histograms.get(key)
-        if held is None or len(held) != len(buckets):
-            mine.histograms[key] = list(buckets)
-        else:
-            mine.histograms[key] = [max(a, b) for a, b in zip(held, buckets, strict=True)]
-    for key, n in new.pipeline.items():
-        mine.pipeline[key] = max(mine.pipeline.get(key, 0), n)

@@ -46,7 +46,6 @@ import aiohttp
 import orjson
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
-from prometheus_client.parser import text_string_to_metric_families
 
 from streams.config import ConfigError, Settings
 from streams.core.state_bytes import dump_state, exact_size
@@ -55,6 +54,7 @@ from streams.kafka.partitioners import REPARTITION
 from streams.kafka.publisher import Publisher, build_event
 from streams.kafka.reader import reader
 from streams.kafka.security import kafka_client_kwargs
+from streams.metrics.exporter import metric_sums
 from streams.tools.replay import (
     Cluster,
     ReplayError,
@@ -330,21 +330,6 @@ def mb_per_100k(before_mb: float, after_mb: float, cases: int) -> float:
     return (after_mb - before_mb) * 100_000 / cases
 
 
-def metric_sums(text: str, names: Sequence[str]) -> dict[str, float]:
-    """Sum of every sample of each named metric (e.g. `acsr_events_total`) in an
-    exposition; a metric that is absent sums to 0."""
-    sums = dict.fromkeys(names, 0.0)
-    # Only the wanted samples' lines are parsed: a worker's exposition is large, and
-    # parsing all of it at every scrape would slow the scrapes down.
-    prefixes = tuple(f"{name}{end}" for name in names for end in ("{", " "))
-    wanted = "\n".join(line for line in text.splitlines() if line.startswith(prefixes))
-    for family in text_string_to_metric_families(wanted):
-        for sample in family.samples:
-            if sample.name in sums:
-                sums[sample.name] += sample.value
-    return sums
-
-
 def processed_count(text: str) -> int:
     """Messages a worker has processed: valid, invalid and duplicate together."""
     return round(sum(metric_sums(text, PROCESSED_METRICS).values()))
@@ -402,7 +387,7 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"latency at {latency['rate']:,.0f} ev/s ({latency['sent']:,} events, "
                      f"{latency['covered']:,} seen): p50 {latency['p50_s'] * 1000:,.0f} ms, "
                      f"p99 {latency['p99_s'] * 1000:,.0f} ms")
-        lines.append(f"  /metrics every {latency['scrape_interval_s'] * 1000:g} ms, "
+        lines.append(f"  /metrics/group every {latency['scrape_interval_s'] * 1000:g} ms, "
                      f"{latency['scrape_p50_s'] * 1000:,.0f} ms per scrape (median): a scrape "
                      f"was in flight {latency['scrape_busy_share']:.0%} of the run")
     memory = results["memory"]

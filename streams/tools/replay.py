@@ -27,7 +27,6 @@ import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
-from prometheus_client.parser import text_string_to_metric_families
 
 from streams.config import Settings
 from streams.core.events import message_key
@@ -36,7 +35,7 @@ from streams.kafka.broker import ONE_RECORD_BATCH_BYTES, EmbeddedBroker, ensure_
 from streams.kafka.partitioners import MURMUR2, ClientPartitioner
 from streams.kafka.reader import high_watermarks, reader
 from streams.kafka.security import kafka_client_kwargs
-from streams.metrics.exporter import merge_expositions
+from streams.metrics.exporter import merge_expositions, metric_sums
 
 REPLAY_WINDOW_RETENTION_S = 366 * 86_400
 SETTLED_S = 2.0  # how long the group's view must hold still before it is the report
@@ -292,7 +291,7 @@ async def gather_metrics(cluster: Cluster, report: dict[str, Any], timeout_s: fl
                         group = text if text.strip() else group
                     async with session.get(f"{worker.url}/metrics") as response:
                         own.append(await response.text())
-            if group and (found := counted_in(group)) == wanted:
+            if group and (found := metric_sums(group, wanted)) == wanted:
                 scraped = sum(line.startswith("acsr_") for text in (group, *own)
                               for line in text.splitlines())
                 return group + merge_expositions(own), scraped
@@ -306,17 +305,6 @@ def _exposition_counts(report: dict[str, Any]) -> dict[str, float]:
     return {"acsr_events_total": events["valid"], "acsr_events_invalid_total": events["invalid"],
             "acsr_events_duplicate_total": events["duplicate"],
             "acsr_cases_concluded_total": report["totals"]["cases_concluded"]}
-
-
-def counted_in(exposition: str) -> dict[str, float]:
-    """The sums `gather_metrics` compares with the report's counts."""
-    sums = dict.fromkeys(("acsr_events_total", "acsr_events_invalid_total",
-                          "acsr_events_duplicate_total", "acsr_cases_concluded_total"), 0.0)
-    for family in text_string_to_metric_families(exposition):
-        for sample in family.samples:
-            if sample.name in sums:
-                sums[sample.name] += sample.value
-    return sums
 
 
 async def gather_aggregates(cluster: Cluster, partitions: int, timeout_s: float = 60.0

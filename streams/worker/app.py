@@ -149,7 +149,7 @@ class Worker:
             sample_rate=settings.sample_resolved_rate)
         self.windows = WindowTables(app, settings, self.ledger.windows,
                                     self.ledger.watermarks.get, client_options)
-        self.outputs_registry()
+        self.exposition_and_outputs()
         self.processor = BatchProcessor(
             self.ledger, self.cases, self.records, self.windows, self.outputs,
             bounds=settings.event_time_bounds, repartitions=settings.repartitions,
@@ -164,7 +164,7 @@ class Worker:
                                 self.outputs.case_routing, settings.event_time_bounds)
                         if settings.repartitions else None)
 
-    def outputs_registry(self) -> None:
+    def exposition_and_outputs(self) -> None:
         """The worker's own exposition and the outputs that count into it."""
         self.registry, self.event_time_lag = build_registry(WorkerView(
             owned=self.owned_partitions, lag=self.consumer_lag, recovering=self.recovering,
@@ -249,8 +249,9 @@ class Worker:
         return {p: agg for p, agg in self.ledger.aggregates.items() if p in owned}
 
     def cells_held(self) -> dict[int, int]:
+        owned = self.owned_partitions()
         return {partition: len(windows) for partition, windows in self.windows.partitions.items()
-                if partition in self.owned_partitions()}
+                if partition in owned}
 
     def partition_snapshot(self, partition: int) -> Snapshot | None:
         """The partition's figures for the group topic (None until derived)."""

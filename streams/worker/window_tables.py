@@ -53,7 +53,6 @@ from streams.kafka.reader import ResendGuards
 log = logging.getLogger("acsr_metrics")
 
 WINDOW_REASON = "window"  # the resend guard's second key part for window messages
-LatestClosed = dict[int, list[tuple[WindowKey, Cell]]]
 
 
 def window_tail_record(record: ConsumerRecord) -> TailRecord | None:
@@ -135,16 +134,6 @@ class WindowTables:
         """The partition's windows as `Aggregate.windows` JSON rows (for /kpis/)."""
         windows = self.partitions.get(partition)
         return aggregate_rows(windows.cells.items()) if windows is not None else []
-
-    def latest_closed(self, partitions: Iterable[int]) -> dict[int, tuple[int, LatestClosed]]:
-        """Per built partition: the number of cells held and the latest closed windows."""
-        out = {}
-        for partition in partitions:
-            windows = self.partitions.get(partition)
-            if windows is not None:
-                out[partition] = (len(windows),
-                                  windows.latest_closed(self.watermark(partition)))
-        return out
 
     # --- processing -------------------------------------------------------------------
 
