@@ -3,6 +3,7 @@ closed on every partition, label values stored once (no broker needed)."""
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 
 import pytest
@@ -138,3 +139,32 @@ def test_admitted_label_values_are_read_back_from_the_topic() -> None:
     state.apply(LABELS_KEY, labels_record({"intent": ["refund", "billing", "shipping"]}))
     state.apply(snapshot_key(0), None)  # a tombstone changes nothing
     assert state.admitted == {"intent": ["refund", "billing", "shipping"]}
+
+
+async def test_following_the_group_topic_starts_again_after_a_failure(monkeypatch) -> None:
+    """A failed read or write must not end the exporter's task (it would stop the group's
+    exposition for good): it is logged and the topic read again, serving only once caught up."""
+    from streams.config import Settings
+    from streams.worker import group as worker_group
+
+    class App:
+        def topic(self, *args: object, **kwargs: object) -> object:
+            return object()
+
+    export = worker_group.GroupExport(App(), Settings(), {}, owned=lambda: {0},
+                                      ready=lambda: True, busy=lambda p: False,
+                                      snapshot=lambda p: None)
+    export.serving = True
+    calls = []
+
+    async def flaky() -> None:
+        calls.append(export.serving)
+        if len(calls) == 1:
+            raise ConnectionError("broker away")
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(export, "_follow", flaky)
+    monkeypatch.setattr(worker_group, "FOLLOW_RETRY_S", 0.01)
+    with pytest.raises(asyncio.CancelledError):
+        await export.follow()
+    assert calls == [True, False]  # read again, and not serving until caught up

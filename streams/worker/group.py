@@ -14,6 +14,7 @@ The group's exposition).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from streams.worker.topics import RAW
 log = logging.getLogger("acsr_metrics")
 
 FOLLOW_POLL_MS = 500
+FOLLOW_RETRY_S = 2.0
 RENDER_EVERY_S = 1.0  # the exposition is rendered at most this often (a scrape reads bytes)
 CAUGHT_UP_AFTER_S = 0.5  # a read that found nothing this long after taking over: at the end
 
@@ -93,7 +95,20 @@ class GroupExport:
     # --- following and serving --------------------------------------------------------
 
     async def follow(self) -> None:
-        """Read the group topic from its start, for as long as the worker runs."""
+        """Read the group topic from its start, for as long as the worker runs. A failure
+        (the broker away, a write refused) is logged and the topic read again from its
+        start: the state only takes maxima and admissions, so nothing counts twice, and
+        nothing is served until the read is back at the end."""
+        while True:
+            try:
+                await self._follow()
+            except Exception:  # a task that ends would stop the group's exposition for good
+                log.exception("following group topic %s failed; again in %.0fs",
+                              self.settings.group_topic, FOLLOW_RETRY_S)
+                self.exporter_since, self.serving = None, False
+                await asyncio.sleep(FOLLOW_RETRY_S)
+
+    async def _follow(self) -> None:
         tp = TopicPartition(self.settings.group_topic, 0)
         async with reader(self.settings.bootstrap_servers, client=self.client) as consumer:
             consumer.assign([tp])
@@ -132,6 +147,7 @@ class GroupExport:
         if time.monotonic() - self.rendered_at < RENDER_EVERY_S and self.rendered:
             return
         total = self.state.total()
+        # Admit into a copy: the state holds only values the topic acknowledged.
         self.bounds.admitted = {k: list(v) for k, v in self.state.admitted.items()}
         new = self.bounds.admit(self.state.label_values(total))
         if new:  # stored before any series shows them, so every exporter keeps them
