@@ -367,7 +367,7 @@ def format_table(results: dict[str, Any]) -> str:
     add("worker peak RSS, VmHWM (MB)", throughput["processor"]["peak_rss_summary"], 0)
     add("acsr_ samples the group exposes", throughput["processor"]["samples_summary"])
     add("group exposition render (ms)", throughput["processor"]["render_ms_summary"], 1)
-    add("scrape of /metrics or /metrics/group, idle (ms)",
+    add("scrape, idle (ms)",
         throughput["processor"]["scrape_ms_summary"], 1)
     rekeyed = results.get("repartition", {"skipped": True})
     if not rekeyed.get("skipped"):
