@@ -141,9 +141,7 @@ def test_admitted_label_values_are_read_back_from_the_topic() -> None:
     assert state.admitted == {"intent": ["refund", "billing", "shipping"]}
 
 
-async def test_following_the_group_topic_starts_again_after_a_failure(monkeypatch) -> None:
-    """A failed read or write must not end the exporter's task (it would stop the group's
-    exposition for good): it is logged and the topic read again, serving only once caught up."""
+def _export(**overrides: object) -> object:
     from streams.config import Settings
     from streams.worker import group as worker_group
 
@@ -151,20 +149,68 @@ async def test_following_the_group_topic_starts_again_after_a_failure(monkeypatc
         def topic(self, *args: object, **kwargs: object) -> object:
             return object()
 
-    export = worker_group.GroupExport(App(), Settings(), {}, owned=lambda: {0},
-                                      ready=lambda: True, busy=lambda p: False,
-                                      snapshot=lambda p: None)
+    options = {"owned": lambda: {0}, "ready": lambda: True, "busy": lambda p: False,
+               "snapshot": lambda p: None, **overrides}
+    return worker_group.GroupExport(App(), Settings(), {}, **options)
+
+
+async def test_following_the_group_topic_starts_again_after_a_failure(monkeypatch) -> None:
+    """A failed read or write must not end the exporter's task (it would stop the group's
+    exposition for good), nor a CancelledError a client library lets escape: it is logged
+    and the topic read again, serving only once caught up. Cancelling the task ends it."""
+    from streams.worker import group as worker_group
+
+    export = _export()
     export.serving = True
-    calls = []
+    calls: list[bool] = []
+    reading = asyncio.Event()
 
     async def flaky() -> None:
         calls.append(export.serving)
+        export.serving = True  # as if caught up, before failing again
         if len(calls) == 1:
             raise ConnectionError("broker away")
-        raise asyncio.CancelledError
+        if len(calls) == 2:
+            raise asyncio.CancelledError  # stray: nobody cancelled the task
+        reading.set()
+        await asyncio.Event().wait()
 
     monkeypatch.setattr(export, "_follow", flaky)
     monkeypatch.setattr(worker_group, "FOLLOW_RETRY_S", 0.01)
+    task = asyncio.create_task(export.follow())
+    await asyncio.wait_for(reading.wait(), 5)
+    task.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await export.follow()
-    assert calls == [True, False]  # read again, and not serving until caught up
+        await task
+    assert calls == [False, False, False]  # read again each time, not serving until caught up
+
+
+async def test_a_send_never_acknowledged_does_not_stop_publishing(monkeypatch) -> None:
+    """A snapshot whose send hangs is given up after SEND_TIMEOUT_S and sent again on the
+    next round; the publisher goes on."""
+    from streams.metrics.group import Snapshot
+    from streams.worker import group as worker_group
+
+    export = _export(snapshot=lambda p: Snapshot(p, 1, Aggregate()))
+    export.changed(0)
+    sends: list[bytes] = []
+
+    class Topic:
+        async def send(self, key: bytes, **kwargs: object) -> asyncio.Future:
+            sends.append(key)
+            sent = asyncio.get_running_loop().create_future()
+            if len(sends) > 1:
+                sent.set_result(None)
+            return sent  # the first never completes
+
+    export.topic = Topic()
+    monkeypatch.setattr(worker_group, "SEND_TIMEOUT_S", 0.05)
+    task = asyncio.create_task(export.publish_every(0.01))
+    for _ in range(200):
+        if export.published:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sends[:2] == [snapshot_key(0)] * 2 and export.published == {0: 1}

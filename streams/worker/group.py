@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
@@ -42,6 +42,27 @@ FOLLOW_POLL_MS = 500
 FOLLOW_RETRY_S = 2.0
 RENDER_EVERY_S = 1.0  # the exposition is rendered at most this often (a scrape reads bytes)
 CAUGHT_UP_AFTER_S = 0.5  # a read that found nothing this long after taking over: at the end
+SEND_TIMEOUT_S = 30.0
+
+
+async def keep_going(what: str, step: Callable[[], Awaitable[None]], retry_s: float) -> None:
+    """Run `step` again and again until this task is cancelled. A task that ended would
+    stop the group's exposition for good, so a failure is logged and `step` run again
+    after `retry_s`: an exception, a send never acknowledged, and a CancelledError that
+    client libraries let escape (aiokafka does) while nobody cancelled this task."""
+    while True:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise
+            log.warning("%s: a stray cancellation; again in %.0fs", what, retry_s)
+        except Exception:
+            log.exception("%s failed; again in %.0fs", what, retry_s)
+        else:
+            continue
+        await asyncio.sleep(retry_s)
 
 
 class GroupExport:
@@ -76,6 +97,14 @@ class GroupExport:
         for partition in partitions:
             self.published.pop(partition, None)
 
+    async def publish_every(self, interval_s: float) -> None:
+        """Publish every `interval_s`, for as long as the worker runs (see `keep_going`)."""
+        async def publish_then_wait() -> None:
+            await self.publish()
+            await asyncio.sleep(interval_s)
+
+        await keep_going("publishing to the group topic", publish_then_wait, interval_s)
+
     async def publish(self) -> None:
         """Send a snapshot of each owned partition changed since its last one."""
         if not self.ready():
@@ -87,26 +116,28 @@ class GroupExport:
             snapshot = self.snapshot(partition)
             if snapshot is None:
                 continue
-            sent = await self.topic.send(key=snapshot_key(partition), value=snapshot.to_bytes(),
-                                         partition=0, force=True)
-            await sent
+            await self._send(snapshot_key(partition), snapshot.to_bytes())
             self.published[partition] = change
+
+    async def _send(self, key: bytes, value: bytes) -> None:
+        """One record to the group topic, acknowledged within SEND_TIMEOUT_S (a send that
+        never completes would stall the caller's loop for good)."""
+        sent = await self.topic.send(key=key, value=value, partition=0, force=True)
+        await asyncio.wait_for(sent, SEND_TIMEOUT_S)
 
     # --- following and serving --------------------------------------------------------
 
     async def follow(self) -> None:
-        """Read the group topic from its start, for as long as the worker runs. A failure
-        (the broker away, a write refused) is logged and the topic read again from its
-        start: the state only takes maxima and admissions, so nothing counts twice, and
-        nothing is served until the read is back at the end."""
-        while True:
-            try:
-                await self._follow()
-            except Exception:  # a task that ends would stop the group's exposition for good
-                log.exception("following group topic %s failed; again in %.0fs",
-                              self.settings.group_topic, FOLLOW_RETRY_S)
-                self.exporter_since, self.serving = None, False
-                await asyncio.sleep(FOLLOW_RETRY_S)
+        """Read the group topic from its start, for as long as the worker runs. After a
+        failure (the broker away, a write refused) the topic is read again from its start:
+        the state only takes maxima and admissions, so nothing counts twice, and nothing
+        is served until the read is back at the end."""
+        async def follow_from_start() -> None:
+            self.exporter_since, self.serving = None, False
+            await self._follow()
+
+        await keep_going(f"following group topic {self.settings.group_topic}",
+                         follow_from_start, FOLLOW_RETRY_S)
 
     async def _follow(self) -> None:
         tp = TopicPartition(self.settings.group_topic, 0)
@@ -151,9 +182,7 @@ class GroupExport:
         self.bounds.admitted = {k: list(v) for k, v in self.state.admitted.items()}
         new = self.bounds.admit(self.state.label_values(total))
         if new:  # stored before any series shows them, so every exporter keeps them
-            sent = await self.topic.send(key=LABELS_KEY, value=labels_record(self.bounds.admitted),
-                                         partition=0, force=True)
-            await sent
+            await self._send(LABELS_KEY, labels_record(self.bounds.admitted))
             self.state.admit(new)
         figures = GroupFigures(total, self.state.group_windows(), len(self.state.figures))
         begun = time.monotonic()
