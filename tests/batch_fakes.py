@@ -57,8 +57,11 @@ class Outputs:
         return ResendGuard(offset)
 
     async def dead_letter(self, message: Any, invalid: InvalidEvent) -> bool:
-        self.dead_lettered.append(message.offset)
-        return True
+        return (await self.dead_letters([(message, invalid)]))[0]
+
+    async def dead_letters(self, invalid: list[tuple[Any, InvalidEvent]]) -> list[bool]:
+        self.dead_lettered.extend(message.offset for message, _ in invalid)
+        return [True] * len(invalid)
 
     async def send_links(self, plan: BatchPlan, routing: CaseRouting) -> list[Any]:
         return []
@@ -86,12 +89,11 @@ class NoWindows:
         pass
 
 
-def events(messages: list[tuple[int, bytes]], partition: int = 0) -> list[Any]:
-    """Faust events as the agents get them: offset and value of each message."""
-    return [SimpleNamespace(message=SimpleNamespace(offset=offset, value=value,
-                                                    partition=partition, key=None,
-                                                    headers=()))
-            for offset, value in messages]
+def records(lines: list[tuple[int, bytes]], partition: int = 0) -> list[Any]:
+    """Records as the agents get them from the hand-over: offset and value of each."""
+    return [SimpleNamespace(offset=offset, value=value, partition=partition, key=None,
+                            headers=())
+            for offset, value in lines]
 
 
 def run_now(coroutine: Coroutine[Any, Any, T]) -> T:

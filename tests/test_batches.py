@@ -20,7 +20,7 @@ from streams.core.units import SECOND_US
 from streams.core.windows import WindowPolicy
 from streams.worker.batches import BatchProcessor
 
-from .batch_fakes import Crash, DyingTable, NoWindows, Outputs, Table, events, run_now
+from .batch_fakes import Crash, DyingTable, NoWindows, Outputs, Table, records, run_now
 from .conftest import DATA
 
 DAY_US = 86_400 * SECOND_US
@@ -67,7 +67,7 @@ class Worker:
     def processor(self) -> BatchProcessor:
         return BatchProcessor(self.ledger, self.cases, self.records, NoWindows(), self.outputs,
                               bounds=READER_CLOCK, repartitions=False,
-                              writes_on=lambda event: nullcontext())
+                              writes_on=lambda message: nullcontext())
 
     def feed(self, lines: list[tuple[int, bytes]], cuts: list[int]) -> Worker:
         """Apply `lines` in batches ending at each of the `cuts` (and at the end)."""
@@ -85,7 +85,7 @@ class Worker:
         if landed is not None:
             self.cases = DyingTable(self.cases, landed)
         try:
-            run_now(self.processor().batch(0, events(lines)))
+            run_now(self.processor().batch(0, records(lines)))
         except Crash:
             self.cases = Table(self.cases)
 

@@ -26,21 +26,15 @@ from streams.kafka.reader import OutputTopicError, high_watermarks, reader
 from .conftest import BrokerInfo
 
 
-class Event:
-    """What Faust's tables read from the current event: its message's partition."""
-
-    def __init__(self, partition: int) -> None:
-        self.message = SimpleNamespace(partition=partition)
-
-
-def test_writes_inside_go_to_the_named_events_partition() -> None:
-    event, other = Event(3), Event(1)
+def test_writes_inside_go_to_the_named_records_partition() -> None:
+    """Faust's tables read the partition from the current event's message."""
+    record, other = SimpleNamespace(partition=3), SimpleNamespace(partition=1)
     assert current_event() is None
-    with writes_on(event):
-        assert current_event() is event
+    with writes_on(record):
+        assert current_event().message is record
         with writes_on(other):
-            assert current_event() is other
-        assert current_event() is event
+            assert current_event().message is other
+        assert current_event().message is record
     assert current_event() is None
 
 

@@ -26,7 +26,7 @@ def test_the_installed_faust_is_the_one_the_patches_rely_on() -> None:
     assert {r.patch for r in RELIANCES} >= {
         "complete_flushes", "seek_uncommitted_to_beginning", "keep_seeks_over_stale_reads",
         "commit_only_contiguous", "stop_when_offsets_vanish", "hand_over_eagerly",
-        "ends_from_fetches", "AcknowledgedTable", "writes_on"}
+        "ends_from_fetches", "AcknowledgedTable", "writes_on", "hand_over_in_batches"}
 
 
 def _not_calling_new_offset(self: Any, *args: Any) -> None:

@@ -35,7 +35,7 @@ from streams.metrics.exporter import GroupCollector, GroupFigures, LabelBounds
 from streams.metrics.group import RECENT_WINDOWS, GroupState, Snapshot
 from streams.worker.batches import BatchProcessor
 
-from .batch_fakes import Outputs, Table, events, run_now
+from .batch_fakes import Outputs, Table, records, run_now
 from .fact_windows import FactWindows
 from .traffic import generate
 
@@ -108,7 +108,7 @@ class Driver:
         self.fact_windows = FactWindows(rules.policy.sizes_s)
         self.processor = BatchProcessor(
             self.ledger, Table(), Table(), self.sink, Outputs(partitions),
-            bounds=READER_CLOCK, repartitions=False, writes_on=lambda event: nullcontext(),
+            bounds=READER_CLOCK, repartitions=False, writes_on=lambda message: nullcontext(),
             applied=lambda plan: [self.fact_windows.add_facts(applied.step.facts)
                                   for applied in plan.applied])
 
@@ -134,7 +134,7 @@ class Driver:
         return self
 
     def apply(self, partition: int, offset: int, line: bytes) -> None:
-        run_now(self.processor.batch(partition, events([(offset, line)], partition)))
+        run_now(self.processor.batch(partition, records([(offset, line)], partition)))
 
     def cell(self, size: int, at_ms: int, intent: str = "refund", version: str = "v7",
              partition: int = 0) -> Cell | None:

@@ -31,26 +31,29 @@ from streams.faust_patches.fixes import (
     seek_uncommitted_to_beginning,
     stop_when_offsets_vanish,
 )
-from streams.faust_patches.handover import hand_over_eagerly
+from streams.faust_patches.handover import BatchHandOver, hand_over_eagerly, hand_over_in_batches
 from streams.faust_patches.tables import ends_from_fetches
 
-__all__ = ["Deliveries", "FaustPatchError", "install_all", "self_check"]
+__all__ = ["BatchHandOver", "Deliveries", "FaustPatchError", "install_all", "self_check"]
 
 
 def install_all(app: faust.App, ordered_topics: Iterable[str],
                 on_lost_offsets: Callable[[list[Any]], Awaitable[None]],
-                changelog_ends: tuple[str, Mapping[str, Any]] | None = None) -> Deliveries:
+                changelog_ends: tuple[str, Mapping[str, Any]] | None = None,
+                handovers: Iterable[BatchHandOver] = ()) -> Deliveries:
     """Patch a (not yet started) app's producer and consumer, in the order above.
 
     `ordered_topics`: the topics whose records the agents check for order (the result
     does); `changelog_ends`: (bootstrap, client options) to read changelog ends from fetch
-    responses (the embedded broker, see tables.py)."""
+    responses (the embedded broker, see tables.py); `handovers`: topics whose records
+    go to their agent in whole batches (handover.py)."""
     self_check()
     complete_flushes(app.producer)  # offsets are committed only after every table write
     seek_uncommitted_to_beginning(app.consumer)  # no record skipped after a rebalance
     deliveries = keep_seeks_over_stale_reads(app.consumer, ordered_topics)  # nor re-read
     commit_only_contiguous(app.consumer)  # a commit never passes an unprocessed record
     hand_over_eagerly(app.consumer)  # no task per fetched record
+    hand_over_in_batches(app, handovers)  # nor an event and a stream pass for most
     stop_when_offsets_vanish(app.consumer, on_lost_offsets)
     if changelog_ends is not None:
         ends_from_fetches(app.consumer, *changelog_ends)

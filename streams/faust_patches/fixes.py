@@ -191,23 +191,22 @@ class Deliveries:
             await self._refetch(tp, due, f"record {offset} arrived first")
         return False
 
-    async def by_partition(self, events: Iterable[Any], generation: int
+    async def by_partition(self, messages: Iterable[Any], generation: int
                            ) -> dict[int, list[Any]]:
-        """A batch's events that may be processed, grouped by partition, each in order.
+        """A batch's records that may be processed, grouped by partition, each in order.
 
-        Events fetched before the consumer's latest rebalance (`generation`) are left
+        Records fetched before the consumer's latest rebalance (`generation`) are left
         out and uncommitted. A batch can hold them across a rebalance, which Faust's own
         check (one event at a time) never lets through; processed, they would write to a
         table while its recovery reads the changelog, and recovery would overwrite them.
         The partition's owner fetches them again once its tables are recovered."""
         grouped: dict[int, list[Any]] = {}
         stale = []
-        for event in events:
-            message = event.message
+        for message in messages:
             if message.generation_id != generation:
                 stale.append(message)
             elif await self.in_order(message):
-                grouped.setdefault(message.partition, []).append(event)
+                grouped.setdefault(message.partition, []).append(message)
         if stale:
             keep_uncommitted(stale)
             log.info("%d events fetched before the last rebalance left to be fetched again",

@@ -4,7 +4,7 @@
 being processed", which Faust reads from a context variable set per event by
 `async for event in stream`. `Stream.take_events()` fills its batch in the stream's own
 task, so in the agent that variable names no event, or one of another partition.
-`writes_on(event)` names the event whose partition the writes made inside it belong
+`writes_on(message)` names the record whose partition the writes made inside it belong
 to; tables keep deciding the partition themselves, as with one event at a time.
 `AcknowledgedTable` lets a batch wait until its writes to one changelog partition
 reached the broker, before the writes that depend on them.
@@ -37,10 +37,20 @@ class ChangelogWriteFailed(OutputTopicError):
     same write again, so going on or retrying in a loop helps nobody)."""
 
 
+class _Writing:
+    """What Faust's tables read of the current event: its message (partition, topic)."""
+
+    __slots__ = ("__weakref__", "message")
+
+    def __init__(self, message: Any) -> None:
+        self.message = message
+
+
 @contextmanager
-def writes_on(event: Any) -> Iterator[None]:
-    """Table writes inside go to the changelog partition of `event`'s partition."""
-    token = streams._current_event.set(weakref.ref(event))
+def writes_on(message: Any) -> Iterator[None]:
+    """Table writes inside go to the changelog partition of `message`'s partition."""
+    writing = _Writing(message)  # held here: Faust keeps only a weak reference
+    token = streams._current_event.set(weakref.ref(writing))
     try:
         yield
     finally:

@@ -24,7 +24,7 @@ from streams.config import Settings
 from streams.core.ledger import BatchPlan, Ledger
 from streams.core.units import SECOND_US
 from streams.core.windows import WindowPolicy
-from streams.faust_patches import Deliveries, install_all
+from streams.faust_patches import BatchHandOver, Deliveries, install_all
 from streams.faust_patches.fixes import keep_uncommitted
 from streams.faust_patches.tables import AcknowledgedTable, writes_on
 from streams.kafka.reader import OutputTopicError
@@ -111,7 +111,16 @@ def faust_app(settings: Settings) -> faust.App:
     )
 
 
-def install_patches(app: faust.App, settings: Settings) -> Deliveries:
+def batch_handovers(settings: Settings) -> dict[str, BatchHandOver]:
+    """The topics whose records reach their agent in whole batches: the cases topic, and
+    the events topic when it is re-keyed."""
+    topics = [settings.cases_topic, *([settings.events_topic] if settings.repartitions else [])]
+    return {topic: BatchHandOver(topic, settings.batch_max, settings.batch_wait_s)
+            for topic in topics}
+
+
+def install_patches(app: faust.App, settings: Settings,
+                    handovers: dict[str, BatchHandOver]) -> Deliveries:
     """Faust's consumer and producer as the batch protocol needs them
     (streams/faust_patches/); the agents check each record's order with the result."""
 
@@ -131,14 +140,17 @@ def install_patches(app: faust.App, settings: Settings) -> Deliveries:
         app, {settings.events_topic, settings.cases_topic, settings.links_topic},
         stop_on_lost_offsets,
         # changelog writes in normal producer batches (faust_patches/tables.py)
-        (settings.bootstrap_servers, kafka_client_kwargs(settings)) if settings.tansu else None)
+        (settings.bootstrap_servers, kafka_client_kwargs(settings)) if settings.tansu else None,
+        handovers.values())
 
 
 class Worker:
     """The state one worker process shares between its agents, timers and views."""
 
-    def __init__(self, app: faust.App, settings: Settings, deliveries: Deliveries) -> None:
+    def __init__(self, app: faust.App, settings: Settings, deliveries: Deliveries,
+                 handovers: dict[str, BatchHandOver]) -> None:
         self.app, self.settings, self.deliveries = app, settings, deliveries
+        self.handovers = handovers
         client_options = self.client_options = kafka_client_kwargs(settings)  # our clients
         self.topics: Topics = declare_topics(app, settings)
         self.cases = acknowledged_table(app, "cases", settings.partitions, str)
@@ -176,29 +188,31 @@ class Worker:
 
     # --- what the agents run -------------------------------------------------------------
 
-    async def in_batches(self, stream: faust.StreamT,
+    async def in_batches(self, topic: str,
                          handle: Callable[[int, list[Any]], Awaitable[None]]) -> None:
-        """Hand each batch to `handle`, partition by partition, in order."""
-        settings = self.settings
-        async for events in stream.take_events(settings.batch_max, settings.batch_wait_s):
+        """Hand each batch of `topic`'s records to `handle`, partition by partition, in
+        order, then acknowledge them. The records come from the topic's hand-over
+        (faust_patches/handover.py), not through the agent's stream."""
+        handover = self.handovers[topic]
+        async for messages in handover.batches():
             try:
                 by_partition = await self.deliveries.by_partition(
-                    events, self.app.consumer_generation_id)
+                    messages, self.app.consumer_generation_id)
                 with self.deliveries.processing():
                     # Partitions at once: each waits for the broker, none for the others.
                     await asyncio.gather(*(handle(partition, in_partition)
                                            for partition, in_partition in by_partition.items()))
             except BaseException:
-                # Stopped (a SIGTERM cancels the agent) or crashed inside a batch:
-                # `take_events` acknowledges the whole batch on its way out, which would let
-                # a commit pass events never processed. Marked acknowledged, Faust leaves them
-                # uncommitted; the next owner takes them again (applied ones are skipped).
-                keep_uncommitted(event.message for event in events)
+                # Stopped (a SIGTERM cancels the agent) or crashed inside a batch: marked
+                # acknowledged, Faust leaves them uncommitted (and stops waiting for them);
+                # the next owner takes them again (applied ones are skipped).
+                keep_uncommitted(messages)
                 raise
+            handover.acknowledge(messages)
 
-    async def process_partition(self, partition: int, events: list[Any]) -> None:
+    async def process_partition(self, partition: int, messages: list[Any]) -> None:
         try:
-            await self.processor.process(partition, events)
+            await self.processor.process(partition, messages)
         except OutputTopicError as err:  # an output we cannot write: stop, loudly
             log.critical("%s", err)
             await self.app.crash(err)
@@ -287,7 +301,8 @@ class Worker:
 
 def build_app(settings: Settings) -> faust.App:
     app = faust_app(settings)
-    worker = Worker(app, settings, install_patches(app, settings))
+    handovers = batch_handovers(settings)
+    worker = Worker(app, settings, install_patches(app, settings, handovers), handovers)
     add_agents(app, worker)
     add_views(app, worker)
     return app
@@ -301,11 +316,11 @@ def add_agents(app: faust.App, worker: Worker) -> None:
 
         @app.agent(topics.events)
         async def rekey_events(stream: faust.StreamT) -> None:
-            await worker.in_batches(stream, rekeyer.forward)
+            await worker.in_batches(worker.settings.events_topic, rekeyer.forward)
 
     @app.agent(topics.cases)
     async def process_events(stream: faust.StreamT) -> None:
-        await worker.in_batches(stream, worker.process_partition)
+        await worker.in_batches(worker.settings.cases_topic, worker.process_partition)
 
     @app.agent(topics.links)
     async def apply_links(stream: faust.StreamT) -> None:
@@ -314,9 +329,9 @@ def add_agents(app: faust.App, worker: Worker) -> None:
                 await worker.processor.apply_link(event.message)
                 worker.group.changed(event.message.partition)
 
-    @app.timer(interval=worker.settings.group_publish_s)
+    @app.task
     async def publish_figures() -> None:
-        await worker.group.publish()
+        await worker.group.publish_every(worker.settings.group_publish_s)
 
     @app.task
     async def follow_group() -> None:

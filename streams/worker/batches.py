@@ -55,6 +55,7 @@ class Outputs(Protocol):
     async def case_routing(self) -> CaseRouting: ...
     async def resend_guard(self, partition: int, offset: int) -> ResendGuard: ...
     async def dead_letter(self, message: Any, invalid: InvalidEvent) -> bool: ...
+    async def dead_letters(self, invalid: list[tuple[Any, InvalidEvent]]) -> list[bool]: ...
     async def send_links(self, plan: BatchPlan, routing: CaseRouting) -> list[Awaitable[Any]]:
         ...
     async def send_items(self, plan: BatchPlan, guard: ResendGuard) -> list[Awaitable[Any]]:
@@ -72,7 +73,7 @@ def parse_or_invalid(value: bytes | None, bounds: EventTimeBounds) -> Event | In
 class BatchProcessor:
     """Applies batches and links of the partitions a worker owns (see the module doc).
 
-    `writes_on(event)` makes table writes go to the changelog partition of `event`'s
+    `writes_on(message)` makes table writes go to the changelog partition of `message`'s
     partition (Faust's rule); `applied(plan)` hears of every batch that landed."""
 
     def __init__(self, ledger: Ledger, cases: Table, records: Table, windows: WindowSink,
@@ -94,30 +95,30 @@ class BatchProcessor:
             self.ledger.build(self.cases.items(), self.records.items(), unbuilt)
         self.windows.build(partitions)
 
-    async def process(self, partition: int, events: list[Any]) -> None:
+    async def process(self, partition: int, messages: list[Any]) -> None:
         """A batch; if it fails (a bug, never input), its events again one by one, so only
         the one that fails goes to the dead-letter topic. An output that cannot be
         written (OutputTopicError) is raised: the worker stops."""
         try:
-            await self.batch(partition, events)
+            await self.batch(partition, messages)
         except OutputTopicError:
             raise
         except Exception:
             log.exception("batch failed (partition=%s, offsets %s-%s); one by one",
-                          partition, events[0].message.offset, events[-1].message.offset)
-            await self.one_by_one(partition, events)
+                          partition, messages[0].offset, messages[-1].offset)
+            await self.one_by_one(partition, messages)
 
-    async def batch(self, partition: int, events: list[Any]) -> None:
-        """One partition's events, in offset order, each once (a seek back can hand some
+    async def batch(self, partition: int, records: list[Any]) -> None:
+        """One partition's records, in offset order, each once (a seek back can hand some
         records over again inside one batch)."""
         self.ensure_built({partition})
-        messages = {event.message.offset: event.message for event in events}
+        messages = {message.offset: message for message in records}
         batch = [(offset, parse_or_invalid(messages[offset].value, self.bounds))
                  for offset in sorted(messages)]
         origins = self._origins(messages) if self.repartitions else None
         guard = await self.outputs.resend_guard(partition, batch[0][0])
         routing = await self.outputs.case_routing()
-        with self.writes_on(events[-1]):
+        with self.writes_on(records[-1]):
             async with self.locks[partition]:
                 plan = self.ledger.plan_batch(self.cases, self.records, partition, batch,
                                               routing.home, origins)
@@ -145,32 +146,33 @@ class BatchProcessor:
         await self.cases.acknowledged(partition)
 
     async def _dead_letter_all(self, plan: BatchPlan, messages: dict[int, Any]) -> list[int]:
-        """Dead-letter the batch's invalid messages; the offsets the topic refused."""
-        return [offset for offset, invalid in plan.invalid
-                if not await self.outputs.dead_letter(messages[offset], invalid)]
+        """Dead-letter the batch's invalid messages, all sent before any acknowledgement
+        is awaited; the offsets the topic refused."""
+        landed = await self.outputs.dead_letters([(messages[offset], invalid)
+                                                  for offset, invalid in plan.invalid])
+        return [offset for (offset, _), ok in zip(plan.invalid, landed, strict=True) if not ok]
 
     @staticmethod
     def _origins(messages: dict[int, Any]) -> dict[int, Origin]:
         return {offset: origin for offset, message in messages.items()
                 if (origin := parse_source(message.headers)) is not None}
 
-    async def one_by_one(self, partition: int, events: Iterable[Any]) -> None:
-        for event in events:
+    async def one_by_one(self, partition: int, messages: Iterable[Any]) -> None:
+        for message in messages:
             try:
-                await self.batch(partition, [event])
+                await self.batch(partition, [message])
             except OutputTopicError:
                 raise
             except Exception as err:
-                await self._failed(partition, event, err)
+                await self._failed(partition, message, err)
 
-    async def _failed(self, partition: int, event: Any, err: Exception) -> None:
-        """Dead-letter an event that failed on its own, with the reason, and count it."""
-        message = event.message
+    async def _failed(self, partition: int, message: Any, err: Exception) -> None:
+        """Dead-letter a record that failed on its own, with the reason, and count it."""
         reason = STATE_TOO_LARGE if isinstance(err, RecordTooLarge) else PROCESSING_ERROR
         log.exception("processing failed (partition=%s, offset=%s, case %r): %s",
                       message.partition, message.offset, message.key, reason)
         failure = InvalidEvent(reason, f"{type(err).__name__}: {err}")
-        with self.writes_on(event):
+        with self.writes_on(message):
             dead_lettered = await self.outputs.dead_letter(message, failure)
             self.ledger.apply_invalid(self.records, partition, message.offset, reason,
                                       counter=kpis.PROCESSING_ERROR,

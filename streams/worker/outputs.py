@@ -78,20 +78,36 @@ class KafkaOutputs:
 
     async def dead_letter(self, message: Any, invalid: InvalidEvent) -> bool:
         """Send the message to the dead-letter topic; False when the topic refused it."""
-        headers = [
-            *(message.headers or ()),
-            (REASON_HEADER, invalid.reason.encode()),
-            (DETAIL_HEADER, invalid.detail.encode()[:512]),
-        ]
-        try:
-            sent = await self.topics.dlq.send(key=message.key, value=message.value,
-                                              headers=headers, force=True)
-            await sent
-        except Exception as err:  # the dead-letter topic refused it: count, log, go on
-            log.warning("dead-letter write failed (reason=%s, partition=%s, offset=%s): %s",
-                        invalid.reason, message.partition, message.offset, err)
-            return False
-        return True
+        return (await self.dead_letters([(message, invalid)]))[0]
+
+    async def dead_letters(self, invalid: list[tuple[Any, InvalidEvent]]) -> list[bool]:
+        """Send every message to the dead-letter topic, then wait for the broker's answers
+        (all in flight at once); for each, False when the topic refused it."""
+        sent: list[Any] = []
+        for message, why in invalid:
+            headers = [
+                *(message.headers or ()),
+                (REASON_HEADER, why.reason.encode()),
+                (DETAIL_HEADER, why.detail.encode()[:512]),
+            ]
+            try:
+                sent.append(await self.topics.dlq.send(key=message.key, value=message.value,
+                                                       headers=headers, force=True))
+            except Exception as err:
+                sent.append(err)
+        landed = []
+        for (message, why), ack in zip(invalid, sent, strict=True):
+            try:
+                if isinstance(ack, Exception):
+                    raise ack
+                await ack
+            except Exception as err:  # the dead-letter topic refused it: count, log, go on
+                log.warning("dead-letter write failed (reason=%s, partition=%s, offset=%s): %s",
+                            why.reason, message.partition, message.offset, err)
+                landed.append(False)
+            else:
+                landed.append(True)
+        return landed
 
     async def resend_guard(self, partition: int, offset: int) -> ResendGuard:
         """The first event a worker processes on a partition (after a start or a rebalance)

@@ -48,10 +48,10 @@ class Rekeyer:
         self.routing = routing
         self.times: dict[int, int | None] = {}  # events partition -> its event time
 
-    async def forward(self, partition: int, events: list[Any]) -> None:
+    async def forward(self, partition: int, records: list[Any]) -> None:
         """One events partition's batch, in offset order (each offset once)."""
         routing = await self.routing()
-        messages = {event.message.offset: event.message for event in events}
+        messages = {message.offset: message for message in records}
         time_us = await self.event_time(partition)
         acks = []
         for offset in sorted(messages):
