@@ -45,6 +45,9 @@ class Settings:
     replication_factor: int = 1
     web_host: str = "127.0.0.1"
     web_port: int = 6066
+    # `worker`: worker processes on this machine, a count or `auto` (the CPUs it may use);
+    # process i serves on web_port + i (streams/worker/processes.py).
+    processes: str = "1"
     case_retention_s: int = 7 * DAY_S
     window_sizes_s: tuple[int, ...] = (60, 3600)
     window_grace_s: int = 600
@@ -145,6 +148,7 @@ class Settings:
         if self.log_level not in ("crit", "error", "warn", "info", "debug"):
             raise ConfigError("log_level must be one of crit, error, warn, info, debug")
         _positive(self, "broker_wait_s", "max_clock_skew_s")
+        parse_processes(self.processes)
         _check_security(self)
         return self
 
@@ -297,6 +301,22 @@ def _convert(name: str, kind: Any, raw: str) -> Any:
     except ValueError:
         raise ConfigError(f"{env_name(name)}={raw!r} is not a valid {kind}") from None
     return raw
+
+
+AUTO_PROCESSES = "auto"
+
+
+def parse_processes(raw: str) -> int | None:
+    """ACSR_PROCESSES / `worker --processes`: a count >= 1, or None for `auto` (resolved
+    at start, where the CPUs can be read); anything else is refused naming the setting."""
+    value = str(raw).strip().lower()
+    if value == AUTO_PROCESSES:
+        return None
+    if re.fullmatch(r"[0-9]+", value) and int(value) >= 1:
+        return int(value)
+    raise ConfigError(f"ACSR_PROCESSES (worker --processes) {raw!r} must be a whole number "
+                      "of worker processes, at least 1, or 'auto' (one per CPU this "
+                      "process may use)")
 
 
 def env_name(setting: str) -> str:

@@ -55,6 +55,7 @@ def _settings(args: argparse.Namespace, base: Settings) -> Settings:
         web_host=getattr(args, "web_host", None),
         web_port=getattr(args, "web_port", None),
         sample_resolved_rate=getattr(args, "sample_resolved", None),
+        processes=getattr(args, "processes", None),
     )
 
 
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     _settings_args(worker)
     worker.add_argument("--web-host", help="address of /metrics and /kpis (default 127.0.0.1)")
     worker.add_argument("--web-port", type=int, help="port of /metrics and /kpis (default 6066)")
+    worker.add_argument("--processes", metavar="N",
+                        help="worker processes of the group on this machine, under a "
+                        "supervisor: process i serves on --web-port + i, its tables in "
+                        "<data dir>/process-<i>; 'auto': one per CPU this process may use "
+                        "(env ACSR_PROCESSES, default 1: the worker runs in this process)")
     worker.add_argument("--tansu", action="store_true",
                         help="apply the embedded (Tansu) broker workarounds")
     _sample_resolved_arg(worker)
@@ -144,6 +150,15 @@ def run_worker(settings: Settings) -> int:
     return 0
 
 
+def run_worker_command(settings: Settings) -> int:
+    """One worker in this process, or with ACSR_PROCESSES > 1 a supervisor of that many
+    (streams/worker/processes.py)."""
+    from streams.worker.processes import process_count, supervise
+
+    count = process_count(settings.processes)
+    return supervise(settings, count) if count > 1 else run_worker(settings)
+
+
 def run_replay_command(args: argparse.Namespace, settings: Settings) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -188,11 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         base = from_env()
+        if args.command != "worker":  # replay, demo and bench run one process per worker
+            base = base.with_overrides(processes="1")
         if args.command == "worker":
             settings = _settings(args, base)
             if args.tansu:
                 settings = settings.with_overrides(tansu=True)
-            return run_worker(settings)
+            return run_worker_command(settings)
         if args.command == "demo":
             return run_demo_command(args, base)
         if args.command == "simulate":
