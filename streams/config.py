@@ -69,7 +69,7 @@ class Settings:
     evaluation_allow: str = ""  # allow-list of evaluation names (label `name`)
     # `metric:label,...`: optional labels dropped from KPI metrics (docs/kpis.md, Labels)
     metric_labels_drop: str = ""
-    group_publish_s: float = 2.0  # how often a worker publishes its partitions' figures
+    group_publish_s: float = 0.5  # how often a worker publishes its partitions' figures
     sample_resolved_rate: float = 0.0  # share of autonomous resolutions sent for review
     data_dir: str = field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "acsr-metrics"))
     broker_wait_s: float = 60.0  # how long a starting worker waits for an unreachable broker

@@ -214,3 +214,37 @@ async def test_a_send_never_acknowledged_does_not_stop_publishing(monkeypatch) -
     with pytest.raises(asyncio.CancelledError):
         await task
     assert sends[:2] == [snapshot_key(0)] * 2 and export.published == {0: 1}
+
+
+async def test_the_exposition_is_rendered_at_a_scrape_once_per_change(monkeypatch) -> None:
+    """Rendering costs tens of milliseconds: a scrape that finds the figures unchanged gets
+    the bytes rendered before; one after a change gets the new figures."""
+    from streams.worker import group as worker_group
+
+    export = _export()
+    renders: list[int] = []
+    render = worker_group.render_group
+
+    def counted(*args: object, **kwargs: object) -> bytes:
+        renders.append(1)
+        return render(*args, **kwargs)
+
+    class Topic:
+        async def send(self, key: bytes, **kwargs: object) -> asyncio.Future:
+            sent = asyncio.get_running_loop().create_future()
+            sent.set_result(None)  # the label list, acknowledged
+            return sent
+
+    export.topic = Topic()
+    monkeypatch.setattr(worker_group, "render_group", counted)
+    history = _history([2, 3])
+    export.apply(snapshot_key(0), Snapshot(0, 1, history[0]).to_bytes())
+    assert await export.exposition() == b""  # not caught up yet: nothing served
+    export.serving = True
+    first = await export.exposition()
+    assert b"acsr_cases_concluded_total" in first and len(renders) == 1
+    assert await export.exposition() is first and len(renders) == 1  # unchanged
+    export.apply(snapshot_key(0), Snapshot(0, 2, history[1]).to_bytes())
+    changed = await export.exposition()
+    assert changed != first and b"acsr_cases_concluded_total" in changed
+    assert (await export.exposition()) is changed

@@ -236,7 +236,7 @@ class GroupCollector(Collector):
 
 def render_group(figures: GroupFigures, bounds: LabelBounds,
                  drops: dict[str, frozenset[str]] | None = None) -> bytes:
-    """The `/metrics/group` exposition (rendered once per change, served as bytes)."""
+    """The `/metrics/group` exposition (rendered at a scrape after a change, kept as bytes)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GroupCollector(figures, bounds, drops))
     return generate_latest(registry)

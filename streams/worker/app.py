@@ -193,7 +193,7 @@ class Worker:
         """The worker's own exposition and the outputs that count into it."""
         self.registry, self.event_time_lag = build_registry(WorkerView(
             owned=self.owned_partitions, lag=self.consumer_lag, recovering=self.recovering,
-            exporting=lambda: bool(self.group.exposition()), version=__version__,
+            exporting=lambda: self.group.serves(), version=__version__,
             app_id=self.settings.app_id, cells_held=self.cells_held,
             render_s=lambda: self.group.render_s))
         self.outputs = KafkaOutputs(self.settings, self.topics, self.client_options,
@@ -385,7 +385,8 @@ def add_views(app: faust.App, worker: Worker) -> None:
         """The group's KPI figures (job `acsr-group`): empty on all but the exporter."""
 
         async def get(self, request: Request) -> Response:
-            return self.bytes(worker.group.exposition(), content_type=METRICS_CONTENT_TYPE)
+            return self.bytes(await worker.group.exposition(),
+                              content_type=METRICS_CONTENT_TYPE)
 
     @app.page("/kpis/")
     class KpisView(View):

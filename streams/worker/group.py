@@ -2,8 +2,9 @@
 
     batch landed -> (every ACSR_GROUP_PUBLISH_S) snapshot of each changed owned partition
     -> group topic (one partition, compacted) -> every worker follows it (GroupState)
-    -> the exporter (the owner of partition 0) admits new label values, stores them in
-       the topic, renders -> /metrics/group
+    -> the exporter (the owner of partition 0), at a scrape that finds the figures
+       changed: admits new label values, stores them in the topic, renders
+    -> /metrics/group
 
 A snapshot is taken only between batches (the partition's lock free), when every write of
 the last batch has been acknowledged, so it never holds a figure a crash could take back.
@@ -40,7 +41,6 @@ log = logging.getLogger("acsr_metrics")
 
 FOLLOW_POLL_MS = 500
 FOLLOW_RETRY_S = 2.0
-RENDER_EVERY_S = 1.0  # the exposition is rendered at most this often (a scrape reads bytes)
 CAUGHT_UP_AFTER_S = 0.5  # a read that found nothing this long after taking over: at the end
 SEND_TIMEOUT_S = 30.0
 
@@ -81,7 +81,8 @@ class GroupExport:
         self.drops = settings.metric_drops
         self.changes: dict[int, int] = {}
         self.published: dict[int, int] = {}
-        self.rendered, self.rendered_version, self.rendered_at = b"", -1, 0.0
+        self.rendered, self.rendered_version = b"", -1
+        self.rendering = asyncio.Lock()  # one rendering at a time, for concurrent scrapes
         self.exporter_since: float | None = None  # when this worker took the role over
         self.serving = False
         self.unreadable = 0
@@ -173,23 +174,34 @@ class GroupExport:
             # Serve only once the topic was read to its end by a read begun after the
             # takeover: then this view holds all the previous exporter served.
             self.serving = at_end and read_started >= self.exporter_since + CAUGHT_UP_AFTER_S
-        if not self.serving or self.state.version == self.rendered_version:
-            return
-        if time.monotonic() - self.rendered_at < RENDER_EVERY_S and self.rendered:
-            return
+
+    def serves(self) -> bool:
+        return self.serving and self.is_exporter()
+
+    async def exposition(self) -> bytes:
+        """What /metrics/group serves: the group's figures, or nothing on other workers.
+        Rendered when a scrape finds the figures changed since the last rendering, not on
+        every change: rendering costs tens of milliseconds, scrapes come every 15-30 s."""
+        if not self.serves():
+            return b""
+        async with self.rendering:
+            if self.state.version != self.rendered_version:
+                await self._render()
+        return self.rendered
+
+    async def _render(self) -> None:
+        version = self.state.version
         total = self.state.total()
         # Admit into a copy: the state holds only values the topic acknowledged.
         self.bounds.admitted = {k: list(v) for k, v in self.state.admitted.items()}
         new = self.bounds.admit(self.state.label_values(total))
         if new:  # stored before any series shows them, so every exporter keeps them
             await self._send(LABELS_KEY, labels_record(self.bounds.admitted))
+            unchanged = self.state.version == version  # no snapshot came meanwhile
             self.state.admit(new)
+            version = self.state.version if unchanged else version
         figures = GroupFigures(total, self.state.group_windows(), len(self.state.figures))
         begun = time.monotonic()
         self.rendered = render_group(figures, self.bounds, self.drops)
-        self.rendered_version, self.rendered_at = self.state.version, time.monotonic()
-        self.render_s = self.rendered_at - begun
-
-    def exposition(self) -> bytes:
-        """What /metrics/group serves: the group's figures, or nothing on other workers."""
-        return self.rendered if self.serving and self.is_exporter() else b""
+        self.rendered_version = version
+        self.render_s = time.monotonic() - begun
