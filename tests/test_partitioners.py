@@ -61,6 +61,24 @@ def test_case_partition_hashes_the_utf8_key(case_id: str, partitions: int) -> No
             name, case_id.encode(), partitions)
 
 
+@given(st.lists(st.text(min_size=1, max_size=24), min_size=1, max_size=60), partition_counts)
+def test_remembered_case_partitions_stay_right_past_the_bound(case_ids: list[str],
+                                                              partitions: int) -> None:
+    """CaseRouting remembers each case's partition, forgetting all past HOMES_KEPT: asked
+    again and again, in any order, it answers what the hash gives."""
+    import streams.kafka.partitioners as partitioners
+
+    routing = CaseRouting(MURMUR2, partitions)
+    kept = partitioners.HOMES_KEPT
+    partitioners.HOMES_KEPT = 7
+    try:
+        for case_id in case_ids * 3:
+            assert routing.home(case_id) == partition_for(MURMUR2, case_id.encode(), partitions)
+            assert len(routing.homes) <= 7
+    finally:
+        partitioners.HOMES_KEPT = kept
+
+
 # --- against librdkafka (confluent-kafka) through a real broker -----------------------------
 
 LIBRDKAFKA = {CRC32: "consistent", MURMUR2: "murmur2", FNV1A: "fnv1a"}
