@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +18,8 @@ import orjson
 from streams.core import kpis
 from streams.core.annotations import RANDOM_SAMPLE, CaseView, sampled
 from streams.core.events import DIMENSIONS, Event, format_ts, normalise_reason
-from streams.core.kpis import UNKNOWN, Aggregate, Fact
-from streams.core.state_bytes import dump_state
+from streams.core.kpis import HISTOGRAM_BUCKETS, UNKNOWN, Aggregate, Fact, bucket_index
+from streams.core.state_bytes import exact_size
 from streams.core.units import DAY_US, SECOND_US
 from streams.core.windows import WindowPolicy
 
@@ -73,27 +74,108 @@ def remember_time(times: list[int], ts_us: int) -> None:
         del times[0]
 
 
-def encode_figures(agg: Aggregate) -> dict[str, Any]:
-    """A case's figures, compactly: each distinct dimensions tuple written once."""
-    dims: dict[kpis.Dims, int] = {}
-    series = [[n, list(lb), dims.setdefault(d, len(dims)), c, s]
-              for (n, lb, d), (c, s) in agg.series.items()]
-    histograms = [[n, list(lb), dims.setdefault(d, len(dims)), b]
-                  for (n, lb, d), b in agg.histograms.items()]
-    return {"dims": [list(d) for d in dims], "series": series, "histograms": histograms}
-
-
 def decode_figures(doc: dict[str, Any]) -> Aggregate:
+    """Figures stored as `CaseFigures` rows, summed by figure, labels and dimensions."""
     agg = Aggregate(window_sizes=())
     dims = [tuple(d) for d in doc["dims"]]
     for n, lb, d, c, s in doc["series"]:
         agg.series[(n, tuple(lb), dims[d])] = [c, s]
     for n, lb, d, b in doc["histograms"]:
-        agg.histograms[(n, tuple(lb), dims[d])] = b
+        agg.histograms[(n, tuple(lb), dims[d])] = list(b)
     return agg
 
 
-@dataclass
+class CaseFigures:
+    """What a case adds to each figure (counts, sums, histogram buckets), kept as the rows
+    it is stored as: each distinct dimensions tuple once in `dims`, then series rows
+    (figure, labels, dims index, count, sum) and histogram rows (figure, labels, dims
+    index, buckets). Writing a case then converts nothing. Rows are tuples, replaced when
+    they change: a case kept decoded between batches is then a handful of objects for the
+    garbage collector to walk, not one per row. The index that finds a row is built when
+    the case first changes after it was read."""
+
+    __slots__ = ("_rows", "dims", "histograms", "series")
+
+    def __init__(self, dims: list[Any] | None = None, series: list[Any] | None = None,
+                 histograms: list[Any] | None = None) -> None:
+        self.dims = [] if dims is None else dims
+        self.series = [] if series is None else series
+        self.histograms = [] if histograms is None else histograms
+        self._rows: tuple[dict[Any, int], dict[Any, int], dict[Any, int]] | None = None
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> CaseFigures:
+        return cls(doc["dims"], doc["series"], doc["histograms"])
+
+    def doc(self) -> dict[str, Any]:
+        return {"dims": self.dims, "series": self.series, "histograms": self.histograms}
+
+    def aggregate(self) -> Aggregate:
+        return decode_figures(self.doc())
+
+    def __eq__(self, other: object) -> bool:
+        """The same figures, whichever rows or tuples hold them."""
+        if not isinstance(other, CaseFigures):
+            return NotImplemented
+        return self.aggregate() == other.aggregate()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def _index(self) -> tuple[dict[Any, int], dict[Any, int], dict[Any, int]]:
+        """Where each dimensions tuple and row is, rows read as lists made tuples."""
+        self.dims = [tuple(d) for d in self.dims]
+        self._rows = ({d: index for index, d in enumerate(self.dims)},
+                      _positions(self.series), _positions(self.histograms))
+        return self._rows
+
+    def add_facts(self, facts: Iterable[Fact]) -> None:
+        """Count each fact in its row, as `Aggregate.add_fact` counts it in its cell."""
+        dims_at, series_at, histograms_at = self._rows or self._index()
+        series, histograms = self.series, self.histograms
+        for name, labels, value, dims, _, _ in facts:
+            index = dims_at.get(dims)
+            if index is None:
+                index = dims_at[dims] = len(self.dims)
+                self.dims.append(dims)
+            key = (name, labels, index)
+            at = series_at.get(key)
+            if at is None:
+                series_at[key] = len(series)
+                series.append((name, labels, index, 1, value))
+            else:
+                _, _, _, count, total = series[at]
+                series[at] = (name, labels, index, count + 1, total + value)
+            bounds = HISTOGRAM_BUCKETS.get(name)
+            if bounds is not None:
+                at = histograms_at.get(key)
+                if at is None:
+                    at = histograms_at[key] = len(histograms)
+                    histograms.append((name, labels, index, (0,) * (len(bounds) + 1)))
+                buckets = list(histograms[at][3])
+                buckets[bucket_index(bounds, value)] += 1
+                histograms[at] = (name, labels, index, tuple(buckets))
+
+
+def _positions(rows: list[Any]) -> dict[Any, int]:
+    """Each row's position by its key (figure, labels, dims index); rows read as lists
+    become tuples, and so do their labels and buckets."""
+    positions = {}
+    for at, (name, labels, index, *values) in enumerate(rows):
+        labels = tuple(labels)
+        rows[at] = (name, labels, index, *(tuple(v) if isinstance(v, list) else v
+                                             for v in values))
+        positions[(name, labels, index)] = at
+    return positions
+
+
+def _figures_doc(value: Any) -> Any:
+    """How orjson writes the figures of a case (`CaseState.to_bytes`)."""
+    if isinstance(value, CaseFigures):
+        return value.doc()
+    raise TypeError(f"{type(value).__name__} is not a part of a case")
+
+
+@dataclass(slots=True)
 class CaseState:
     """Everything the processor remembers about one case (stored as JSON in a table)."""
 
@@ -123,7 +205,7 @@ class CaseState:
     routed: list[str] = field(default_factory=list)
     # What the case adds to each figure (counts, sums, histogram buckets), by labels and
     # dimensions; moved to a figures record of its own when it grows (`Ledger`, spills).
-    figures: Aggregate = field(default_factory=lambda: Aggregate(window_sizes=()))
+    figures: CaseFigures = field(default_factory=CaseFigures)
     pipeline: dict[str, int] = field(default_factory=dict)
     # Re-keyed events (ACSR_PARTITIONER=repartition): per source partition, the last source
     # offset applied, so a copy forwarded twice (a forwarder crash) counts once.
@@ -132,16 +214,15 @@ class CaseState:
     spills: int = 0  # figures records moved out of this record: keys spill_key(case, 0..n-1)
 
     def to_bytes(self) -> bytes:
-        doc = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        doc["figures"] = encode_figures(self.figures)
-        return dump_state(doc)
+        """The fields in their order, as JSON (orjson writes the dataclass itself)."""
+        return exact_size(orjson.dumps(self, default=_figures_doc))
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> CaseState:
         doc = orjson.loads(raw)
         figures = doc.get("figures")
         if figures is not None:
-            doc["figures"] = decode_figures(figures)
+            doc["figures"] = CaseFigures.from_doc(figures)
         else:  # written by 0.1
             doc["figures"] = _legacy_figures(doc)
             _convert_legacy_times(doc)
@@ -178,9 +259,9 @@ class CaseState:
         """How many figure cells the case holds (what its stored size grows with)."""
         return len(self.figures.series) + len(self.figures.histograms)
 
-    def take_figures(self) -> Aggregate:
+    def take_figures(self) -> CaseFigures:
         """The case's figures so far, leaving it none (they move to a record of their own)."""
-        taken, self.figures = self.figures, Aggregate(window_sizes=())
+        taken, self.figures = self.figures, CaseFigures()
         return taken
 
     def dims_now(self) -> kpis.Dims:
@@ -197,9 +278,9 @@ def _display_name(action: str) -> str:
     return action if len(action) <= ACTION_LABEL_MAX else action[:ACTION_LABEL_MAX - 1] + "…"
 
 
-def _legacy_figures(doc: dict[str, Any]) -> Aggregate:
+def _legacy_figures(doc: dict[str, Any]) -> CaseFigures:
     """Figures of a case stored by 0.1: every increment in a list `facts`."""
-    figures = Aggregate(window_sizes=())
+    figures = CaseFigures()
     figures.add_facts(Fact.from_json(item) for item in doc.pop("facts", ()))
     return figures
 
@@ -234,23 +315,29 @@ class Route:
     trigger: dict[str, Any]
 
 
-@dataclass
+@dataclass(slots=True)
 class Step:
     """What one event did: facts and pipeline counts to add, cases to route, the new state."""
 
     state: CaseState
     facts: list[Fact] = field(default_factory=list)
     pipeline: dict[str, int] = field(default_factory=dict)
-    routes: list[Route] = field(default_factory=list)
+    routes: tuple[Route, ...] = ()
     duplicate: bool = False
     sample_rate: float = 0.0  # share of autonomous resolutions routed as random_sample
     # Window sizes whose window for this event had closed when it arrived: decided here
     # once, for the facts' windows and the `late` count alike.
     late: tuple[int, ...] = ()
+    # The case's dimensions as its facts carry them, taken at the first fact: an event
+    # sets them before it counts anything.
+    dims: kpis.Dims | None = field(default=None, repr=False, compare=False)
 
     def fact(self, name: str, *labels: str, value: float = 1.0, ts_us: int | None = None,
              late: tuple[int, ...] = ()) -> None:
-        self.facts.append(Fact(name, labels, float(value), self.state.dims_now(), ts_us, late))
+        dims = self.dims
+        if dims is None:
+            dims = self.dims = self.state.dims_now()
+        self.facts.append(Fact(name, labels, float(value), dims, ts_us, late))
 
     def count(self, name: str, label: str = "") -> None:
         key = self.state.count(name, label)
@@ -261,10 +348,11 @@ class Step:
             return
         self.state.routed.append(reason)
         self.fact(kpis.ANNOTATION, reason)
-        self.routes.append(Route(reason, trigger))
+        self.routes += (Route(reason, trigger),)
 
     def finish(self) -> Step:
-        self.state.figures.add_facts(self.facts)
+        if self.facts:
+            self.state.figures.add_facts(self.facts)
         return self
 
 
@@ -285,8 +373,11 @@ def apply_event(
     """Apply a valid event (already known not to be a redelivery) to its case."""
     state = state if state is not None else new_case(partition)
     state.partition = partition
-    state.offset = max(state.offset, offset)
-    state.last_us = event.ts_us if state.last_us is None else max(state.last_us, event.ts_us)
+    ts_us = event.ts_us
+    if offset > state.offset:
+        state.offset = offset
+    if state.last_us is None or ts_us > state.last_us:
+        state.last_us = ts_us
     step = Step(state, sample_rate=sample_rate)
     digest = id_digest(event.event_id)
     if digest in state.seen:
@@ -299,17 +390,17 @@ def apply_event(
     step.count(kpis.EVENT, event.type)
 
     late = step.late = (() if watermark_us is None
-                        else windows.late_sizes(event.ts_us, watermark_us))
-    state.watermark_us = event.ts_us if watermark_us is None else max(watermark_us, event.ts_us)
-    if state.outcome is None:
-        state.opened_us = event.ts_us if state.opened_us is None else min(
-            state.opened_us, event.ts_us
-        )
-    intent_known_before = state.dims[0] is not None
-    for index, name in enumerate(DIMENSIONS):
-        value = event.get(name)
-        if state.dims[index] is None and value:
-            state.dims[index] = value
+                        else windows.late_sizes(ts_us, watermark_us))
+    state.watermark_us = ts_us if watermark_us is None else max(watermark_us, ts_us)
+    if state.outcome is None and (state.opened_us is None or ts_us < state.opened_us):
+        state.opened_us = ts_us
+    dims = state.dims
+    intent_known_before = dims[0] is not None
+    if None in dims:
+        for index, name in enumerate(DIMENSIONS):
+            value = event.fields.get(name)
+            if dims[index] is None and value:
+                dims[index] = value
 
     handler = _HANDLERS.get(event.type)
     if handler is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -92,10 +93,8 @@ def window_start(ts_us: int, size_s: int) -> int:
 
 
 def bucket_index(bounds: tuple[float, ...], value: float) -> int:
-    for index, bound in enumerate(bounds):
-        if value <= bound:
-            return index
-    return len(bounds)
+    """The first bucket whose upper bound holds `value` (the last, +Inf, for NaN)."""
+    return bisect_left(bounds, value) if value == value else len(bounds)
 
 
 @dataclass
@@ -113,19 +112,20 @@ class Aggregate:
     pipeline: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def add_fact(self, fact: Fact) -> None:
-        key = (fact.name, fact.labels, fact.dims)
+        name, labels, value, dims, _, _ = fact
+        key = (name, labels, dims)
         cell = self.series.get(key)
         if cell is None:
-            self.series[key] = [1, fact.value]
+            self.series[key] = [1, value]
         else:
             cell[0] += 1
-            cell[1] += fact.value
-        bounds = HISTOGRAM_BUCKETS.get(fact.name)
+            cell[1] += value
+        bounds = HISTOGRAM_BUCKETS.get(name)
         if bounds is not None:
             buckets = self.histograms.get(key)
             if buckets is None:
                 buckets = self.histograms[key] = [0] * (len(bounds) + 1)
-            buckets[bucket_index(bounds, fact.value)] += 1
+            buckets[bucket_index(bounds, value)] += 1
 
     def add_facts(self, facts: Iterable[Fact]) -> None:
         for fact in facts:
@@ -136,9 +136,11 @@ class Aggregate:
         self.pipeline[key] = self.pipeline.get(key, 0) + n
 
     def add_pipeline(self, counts: dict[str, int]) -> None:
+        pipeline = self.pipeline
         for key, n in counts.items():
             name, _, label = key.partition("/")
-            self.count(name, label, n)
+            cell = (name, label)
+            pipeline[cell] = pipeline.get(cell, 0) + n
 
     def merge(self, other: Aggregate, combine: Callable[[float, float], float] = operator.add
               ) -> None:

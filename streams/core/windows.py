@@ -139,6 +139,8 @@ class WindowPolicy:
 
     def late_sizes(self, ts_us: int, watermark_us: int) -> tuple[int, ...]:
         """Sizes whose window holding `ts_us` closed before this event arrived."""
+        if watermark_us <= ts_us + self.grace_s * SECOND_US:
+            return ()  # every window holding `ts_us` ends after it: none closed yet
         late = []
         for size in self.sizes_s:
             end_us = (kpis.window_start(ts_us, size) + size) * SECOND_US

@@ -4,7 +4,9 @@ and a bare consumer allow, and what it costs in latency and memory.
 One run, on the embedded broker (or `--broker`), every topic and consumer group its own:
 
 1. N simulator events (deterministic: same seed, same events) are loaded into a fresh
-   events topic; loading is not measured.
+   events topic; loading is not measured. Before that, the pure core (parsing and the
+   ledger, no broker) is timed on the first 20,000 against orjson's decode of the same
+   lines, `--repeats` times (streams/tools/core_bench.py; `--no-core` skips it).
 2. Throughput, `--repeats` times side by side: (a) the raw ceiling, a bare consumer that
    reads and decodes every event and counts it by type; (b) one real worker (or
    `--workers N` in one group, to measure scale-out), from the first processed event
@@ -12,7 +14,9 @@ One run, on the embedded broker (or `--broker`), every topic and consumer group 
    consumer group has committed every offset. Each repeat uses a consumer group of its
    own. A run too small to outlast its first batch is measured from the moment the group
    owned every partition instead, start costs included. Then (c) the exposition: the
-   `acsr_` samples the group's /metrics hold, and how long an idle scrape takes.
+   `acsr_` samples the group's /metrics hold, and how long an idle scrape takes. With
+   `--processes-compare`, (d) `worker --processes 2` (one supervisor, two processes) on
+   the same events in a group of its own, against that repeat's one-process run.
 3. Latency: a fresh, warmed-up worker fed at half the median worker rate; an event's
    latency runs from its send to the first /metrics scrape whose event counters cover it.
 4. Memory: a fresh, warmed-up worker's RSS before and after N distinct cases are opened;
@@ -55,6 +59,7 @@ from streams.kafka.publisher import Publisher, build_event
 from streams.kafka.reader import reader
 from streams.kafka.security import kafka_client_kwargs
 from streams.metrics.exporter import metric_sums
+from streams.tools.core_bench import measure_core
 from streams.tools.replay import (
     Cluster,
     ReplayError,
@@ -68,6 +73,7 @@ from streams.tools.replay import (
     wait_processed,
 )
 from streams.tools.simulate import SCENARIOS, Simulation
+from streams.tools.supervised import SupervisedCluster
 
 # Simulated traffic: 1000 msg/s at 60x time puts 500,000 events over about 8 simulated
 # hours, so cases conclude, feedback arrives and hourly windows close.
@@ -89,6 +95,7 @@ UNTYPED = "<untyped>"  # raw ceiling: JSON without a string `type`
 # Counters that together count every message a worker has processed.
 PROCESSED_METRICS = ("acsr_events_total", "acsr_events_invalid_total",
                      "acsr_events_duplicate_total")
+PROCESSES_COMPARED = 2  # --processes-compare: `worker --processes 2` against one process
 
 Say = Callable[[str], None]
 
@@ -104,6 +111,8 @@ class BenchOptions:
     latency: bool = True
     memory: bool = True
     repartition: bool = True  # also each repeat with ACSR_PARTITIONER=repartition
+    core: bool = True  # the pure core against orjson's decode (streams/tools/core_bench.py)
+    processes_compare: bool = False  # also each repeat with `worker --processes 2`
     seed: int = 1
     scrape_s: float = 1.0  # latency: how often /metrics is scraped (a scrape costs ~0.1 s)
     stall_timeout_s: float = 120.0
@@ -145,6 +154,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     bench.add_argument("--no-repartition", action="store_true",
                        help="skip the runs with ACSR_PARTITIONER=repartition (what re-keying "
                        "every event through an internal topic costs)")
+    bench.add_argument("--no-core", action="store_true",
+                       help="skip timing the pure core (parse and ledger, no broker) against "
+                       "orjson's decode of the same events")
+    bench.add_argument("--processes-compare", action="store_true",
+                       help=f"also run `worker --processes {PROCESSES_COMPARED}` in each repeat "
+                       "(a supervisor and its processes, the same events, a group of its "
+                       "own): its rate against the one-process run's")
     bench.add_argument("--seed", type=int, default=defaults.seed,
                        help=f"simulator seed: same seed, same events (default {defaults.seed})")
     bench.add_argument("--scrape-interval", type=float, default=defaults.scrape_s,
@@ -179,6 +195,10 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         raise ConfigError(f"--scrape-interval must be > 0 seconds, got {args.scrape_interval:g}")
     if not args.stall_timeout > 0:
         raise ConfigError(f"--stall-timeout must be > 0 seconds, got {args.stall_timeout:g}")
+    if args.processes_compare and (args.workers != 1 or args.partitions < PROCESSES_COMPARED):
+        raise ConfigError(f"--processes-compare compares {PROCESSES_COMPARED} processes with "
+                          f"one worker: it needs --workers 1 and --partitions >= "
+                          f"{PROCESSES_COMPARED}")
     if args.tansu and not args.broker:
         raise ConfigError("--tansu describes a --broker; without one the embedded broker "
                           "is used and its workarounds apply anyway")
@@ -189,7 +209,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
                         workers=args.workers,
                         latency_s=args.latency_seconds, open_cases=args.open_cases,
                         latency=not args.no_latency, memory=not args.no_memory,
-                        repartition=not args.no_repartition,
+                        repartition=not args.no_repartition, core=not args.no_core,
+                        processes_compare=args.processes_compare,
                         seed=args.seed, scrape_s=args.scrape_interval,
                         stall_timeout_s=args.stall_timeout, out=args.out,
                         broker=args.broker, tansu=args.tansu)
@@ -373,6 +394,15 @@ def format_table(results: dict[str, Any]) -> str:
     if not rekeyed.get("skipped"):
         add("processor, repartition (ev/s)", rekeyed["summary"])
         add("repartition / direct, per run", rekeyed["ratio_summary"], 3)
+    compared = results.get("processes", {"skipped": True})
+    if not compared.get("skipped"):
+        add(f"processor, --processes {compared['processes']} (ev/s)", compared["summary"])
+        add(f"--processes {compared['processes']} / 1, per run", compared["ratio_summary"], 3)
+    core = results.get("core", {"skipped": True})
+    if not core.get("skipped"):
+        add("pure core / orjson decode", core["ratio_summary"], 1)
+        add("  pure core (µs/event)", core["core_us_summary"], 2)
+        add("  orjson decode (µs/event)", core["decode_us_summary"], 2)
     lines = [f"{rows[0][0]:<32}{rows[0][1]:>12}{rows[0][2]:>12}{rows[0][3]:>12}"]
     lines += [f"{label:<32}{a:>12}{b:>12}{c:>12}" for label, a, b, c in rows[1:]]
     lines.append(f"{'ratio of medians':<32}{throughput['ratio']:>36.3f}")
@@ -477,12 +507,14 @@ async def wait_ready(cluster: Cluster, worker: WorkerProcess, session: aiohttp.C
 
 
 @contextlib.asynccontextmanager
-async def worker_group(settings: Settings, log_dir: Path, workers: int = 1
-                     ) -> AsyncIterator[tuple[Cluster, WorkerProcess]]:
-    """A consumer group of its own (one worker unless said) and its first worker, stopped
-    however the block ends."""
+async def worker_group(settings: Settings, log_dir: Path, workers: int = 1,
+                       processes: int = 1) -> AsyncIterator[tuple[Cluster, WorkerProcess]]:
+    """A consumer group of its own (one worker unless said; with `processes` > 1 one
+    `worker --processes N`, whose processes are the workers) and its first worker,
+    stopped however the block ends."""
     await create_topics(settings)
-    cluster = Cluster(settings, workers, log_dir)
+    cluster = (SupervisedCluster(settings, processes, log_dir) if processes > 1
+               else Cluster(settings, workers, log_dir))
     try:
         cluster.start()
         yield cluster, cluster.workers[0]
@@ -541,17 +573,18 @@ def _event_type(value: bytes | None) -> str:
 
 
 async def worker_throughput(settings: Settings, ends: dict[int, int], log_dir: Path,
-                            label: str, say: Say, stall_s: float, workers: int = 1
-                            ) -> dict[str, Any]:
-    """The group's workers (one unless said) process every event: rate from the first
-    processed event (see `rate_span`) until every offset is committed."""
+                            label: str, say: Say, stall_s: float, workers: int = 1,
+                            processes: int = 1) -> dict[str, Any]:
+    """The group's workers (one unless said; `processes`: see `worker_group`) process
+    every event: rate from the first processed event (see `rate_span`) until every offset
+    is committed."""
     total = sum(ends.values())
     progress = Progress(say, label)
     t0: float | None = None
     processed_at_t0 = 0
     ready_at: float | None = None
     rss_max_kb = 0
-    async with (worker_group(settings, log_dir, workers) as (cluster, worker),
+    async with (worker_group(settings, log_dir, workers, processes) as (cluster, worker),
                 group_offsets(settings.bootstrap_servers, settings.app_id,
                               kafka_client_kwargs(settings)) as offsets,
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session):
@@ -629,7 +662,7 @@ async def measure_exposition(session: aiohttp.ClientSession, workers: Sequence[W
     `acsr_` samples and bytes of the group's exposition (once) and of every worker's own
     /metrics; how long a scrape takes (the median of `scrapes` in a row of each path on
     each worker, the group idle), and how long the exporter took to render the group's
-    exposition (it renders when figures change, never at a scrape)."""
+    exposition (at the first scrape after the figures changed; an idle scrape reads bytes)."""
     samples = size = 0
     scrape_s: list[float] = []
     render_s = 0.0
@@ -796,6 +829,31 @@ async def rekeyed_throughput(settings: Settings, run: str, events_topic: str,
     return result
 
 
+async def processes_throughput(settings: Settings, run: str, events_topic: str,
+                               ends: dict[int, int], work_dir: Path, label: str, say: Say,
+                               options: BenchOptions) -> dict[str, Any]:
+    """The same events through `worker --processes 2`: one supervisor, two processes of
+    a group of its own (tools/supervised.py), measured as any worker run."""
+    group = _run_settings(settings, run, work_dir, events_topic=events_topic)
+    say(f"bench: {label}: starting (group {group.app_id})")
+    result = await worker_throughput(group, ends, work_dir, label, say,
+                                     options.stall_timeout_s, processes=PROCESSES_COMPARED)
+    say(f"bench: {label}: {result['events_after_t0']:,} events in {result['seconds']:.1f}s, "
+        f"{result['rate']:,.0f} ev/s")
+    return result
+
+
+def processes_summary(runs: list[dict[str, Any]], single: list[dict[str, Any]]
+                      ) -> dict[str, Any]:
+    """`--processes 2` against one process, repeat by repeat (each pair side by side)."""
+    if not runs:
+        return {"skipped": True}
+    return {"processes": PROCESSES_COMPARED, "runs": runs,
+            "summary": summarize([r["rate"] for r in runs]),
+            "ratio_summary": summarize([ratio(r["rate"], w["rate"]) for r, w
+                                        in zip(runs, single, strict=True)])}
+
+
 def _run_settings(settings: Settings, run: str, work_dir: Path, **overrides: Any) -> Settings:
     """Topics and a consumer group of this run only; the worker's files in `work_dir`."""
     return isolated(settings, run).with_overrides(data_dir=str(work_dir / "data"), **overrides)
@@ -807,6 +865,7 @@ async def run_bench(options: BenchOptions, settings: Settings, work_dir: Path, s
     run = f"bench-{uuid.uuid4().hex[:8]}"
     say(f"bench: generating {options.events:,} events (seed {options.seed})")
     lines, hours = generate_events(options.events, options.seed)
+    core = measure_core(lines, options.repeats, say) if options.core else {"skipped": True}
     loaded = _run_settings(settings, run, work_dir)
     await create_topics(loaded)
     say(f"bench: loading them into {loaded.events_topic} ({options.partitions} partitions, "
@@ -826,7 +885,7 @@ async def run_bench(options: BenchOptions, settings: Settings, work_dir: Path, s
     del lines
     say(f"bench: loaded {sum(ends.values()):,} events in {load_s:.1f}s "
         f"({hours:.1f} simulated hours)")
-    raw_runs, worker_runs, rekeyed_runs = [], [], []
+    raw_runs, worker_runs, rekeyed_runs, processes_runs = [], [], [], []
     for repeat in range(1, options.repeats + 1):
         raw = await raw_ceiling(loaded, ends, options.stall_timeout_s,
                                 Progress(say, f"raw ceiling {repeat}/{options.repeats}"))
@@ -848,6 +907,10 @@ async def run_bench(options: BenchOptions, settings: Settings, work_dir: Path, s
             rekeyed_runs.append(await rekeyed_throughput(
                 settings, f"{run}-r{repeat}", loaded.events_topic, ends, work_dir,
                 f"repartition {repeat}/{options.repeats}", say, options))
+        if options.processes_compare:
+            processes_runs.append(await processes_throughput(
+                settings, f"{run}-p{repeat}", loaded.events_topic, ends, work_dir,
+                f"--processes {PROCESSES_COMPARED} {repeat}/{options.repeats}", say, options))
     raw_summary = summarize([r["rate"] for r in raw_runs])
     worker_summary = summarize([r["rate"] for r in worker_runs])
     results: dict[str, Any] = {
@@ -873,6 +936,8 @@ async def run_bench(options: BenchOptions, settings: Settings, work_dir: Path, s
         "latency": {"skipped": True},
         "memory": {"skipped": True},
         "repartition": {"skipped": True},
+        "processes": processes_summary(processes_runs, worker_runs),
+        "core": core,
     }
     if rekeyed_runs:
         rekeyed_summary = summarize([r["rate"] for r in rekeyed_runs])
