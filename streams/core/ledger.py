@@ -49,9 +49,10 @@ SPILL_ENTRIES = 256
 SPILL_BYTES = 128 * 1024
 FOLD_CHUNK = 2000  # expired cases folded per write (the rest at the next batch)
 # Decoded cases a ledger keeps between batches, all its partitions together: a case
-# usually has events in several batches in a row (`HotCases`). On simulated traffic,
-# 4,000 save two decodes in three (8,000: hardly more); a kept case takes about 7.5 KB.
-HOT_CASES = 4000
+# usually has events in several batches in a row (`HotCases`). A kept case takes about
+# 7.5 KB; on simulated traffic 1,000 bought about as much time as 4,000 (which save two
+# decodes in three) for a quarter of the memory (7.5 MB, docs/performance.md).
+HOT_CASES = 1000
 
 __all__ = ["RECORD_LIMIT", "Ledger", "RecordTooLarge"]
 
