@@ -149,7 +149,7 @@ def _export(**overrides: object) -> object:
         def topic(self, *args: object, **kwargs: object) -> object:
             return object()
 
-    options = {"owned": lambda: {0}, "ready": lambda: True, "busy": lambda p: False,
+    options = {"owned": lambda: {0}, "ready": lambda: True, "lock": lambda p: asyncio.Lock(),
                "snapshot": lambda p: None, **overrides}
     return worker_group.GroupExport(App(), Settings(), {}, **options)
 
@@ -248,3 +248,30 @@ async def test_the_exposition_is_rendered_at_a_scrape_once_per_change(monkeypatc
     changed = await export.exposition()
     assert changed != first and b"acsr_cases_concluded_total" in changed
     assert (await export.exposition()) is changed
+
+
+async def test_a_busy_partition_is_published_once_its_batch_landed() -> None:
+    """Under load a partition's lock is nearly always held: the publisher waits for it
+    (a snapshot only between batches) instead of skipping the partition."""
+    from streams.metrics.group import Snapshot
+
+    lock = asyncio.Lock()
+    export = _export(lock=lambda p: lock, snapshot=lambda p: Snapshot(p, 1, Aggregate()))
+    sends: list[bytes] = []
+
+    class Topic:
+        async def send(self, key: bytes, **kwargs: object) -> asyncio.Future:
+            sends.append(key)
+            sent = asyncio.get_running_loop().create_future()
+            sent.set_result(None)
+            return sent
+
+    export.topic = Topic()
+    export.changed(0)
+    await lock.acquire()  # a batch is landing
+    publishing = asyncio.ensure_future(export.publish())
+    await asyncio.sleep(0.01)
+    assert sends == [] and not publishing.done()
+    lock.release()
+    await asyncio.wait_for(publishing, 1)
+    assert sends == [snapshot_key(0)] and export.published == {0: 1}

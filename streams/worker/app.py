@@ -182,7 +182,7 @@ class Worker:
         self.group = GroupExport(
             app, settings, client_options, owned=self.owned_partitions,
             ready=lambda: not self.recovering(),
-            busy=lambda partition: self.processor.locks[partition].locked(),
+            lock=lambda partition: self.processor.locks[partition],
             snapshot=self.partition_snapshot)
         self.rekeyer = (Rekeyer(self.topics.cases, self.topics.source_times,
                                 settings.bootstrap_servers, client_options,

@@ -6,7 +6,7 @@
        changed: admits new label values, stores them in the topic, renders
     -> /metrics/group
 
-A snapshot is taken only between batches (the partition's lock free), when every write of
+A snapshot is taken only between batches (under the partition's lock), when every write of
 the last batch has been acknowledged, so it never holds a figure a crash could take back.
 Every worker follows the topic, so a new exporter needs only to read to its end before it
 serves: what it serves is then at least what the one before served (docs/architecture.md,
@@ -71,10 +71,11 @@ class GroupExport:
 
     def __init__(self, app: faust.App, settings: Settings, client: dict[str, Any], *,
                  owned: Callable[[], set[int]], ready: Callable[[], bool],
-                 busy: Callable[[int], bool], snapshot: Callable[[int], Snapshot | None]
+                 lock: Callable[[int], asyncio.Lock],
+                 snapshot: Callable[[int], Snapshot | None]
                  ) -> None:
         self.settings, self.client = settings, client
-        self.owned, self.ready, self.busy, self.snapshot = owned, ready, busy, snapshot
+        self.owned, self.ready, self.lock, self.snapshot = owned, ready, lock, snapshot
         self.topic = app.topic(settings.group_topic, partitions=1, **RAW)
         self.state = GroupState()
         self.bounds = LabelBounds(settings.label_limit, settings.label_allow_lists())
@@ -107,14 +108,20 @@ class GroupExport:
         await keep_going("publishing to the group topic", publish_then_wait, interval_s)
 
     async def publish(self) -> None:
-        """Send a snapshot of each owned partition changed since its last one."""
+        """Send a snapshot of each owned partition changed since its last one, taken under
+        the partition's lock: between two batches, once the last one's writes were all
+        acknowledged (a busy partition is waited for, not skipped: under load it is
+        nearly always busy)."""
         if not self.ready():
             return
         for partition in sorted(self.owned()):
             change = self.changes.get(partition, 0)
-            if self.published.get(partition) == change or self.busy(partition):
+            if self.published.get(partition) == change:
                 continue
-            snapshot = self.snapshot(partition)
+            async with self.lock(partition):
+                if partition not in self.owned() or not self.ready():
+                    continue  # revoked while its batch landed
+                snapshot = self.snapshot(partition)
             if snapshot is None:
                 continue
             await self._send(snapshot_key(partition), snapshot.to_bytes())
