@@ -2,8 +2,8 @@
 
 1. Table writes of a batch. A table write goes to the changelog partition of "the event
 being processed", which Faust reads from a context variable set per event by
-`async for event in stream`. `Stream.take_events()` fills its batch in the stream's own
-task, so in the agent that variable names no event, or one of another partition.
+`async for event in stream`. A batch's records reach the agent without a stream
+(handover.py, `BatchHandOver`), so in the agent that variable names no event.
 `writes_on(message)` names the record whose partition the writes made inside it belong
 to; tables keep deciding the partition themselves, as with one event at a time.
 `AcknowledgedTable` lets a batch wait until its writes to one changelog partition
