@@ -141,6 +141,21 @@ def test_admitted_label_values_are_read_back_from_the_topic() -> None:
     assert state.admitted == {"intent": ["refund", "billing", "shipping"]}
 
 
+class Topic:
+    """The group topic's send: each key kept in `sends`, acknowledged at once (the first
+    never, with `hang_first`)."""
+
+    def __init__(self, sends: list[bytes], hang_first: bool = False) -> None:
+        self.sends, self.hang_first = sends, hang_first
+
+    async def send(self, key: bytes, **kwargs: object) -> asyncio.Future:
+        self.sends.append(key)
+        sent = asyncio.get_running_loop().create_future()
+        if not (self.hang_first and len(self.sends) == 1):
+            sent.set_result(None)
+        return sent
+
+
 def _export(**overrides: object) -> object:
     from streams.config import Settings
     from streams.worker import group as worker_group
@@ -195,15 +210,7 @@ async def test_a_send_never_acknowledged_does_not_stop_publishing(monkeypatch) -
     export.changed(0)
     sends: list[bytes] = []
 
-    class Topic:
-        async def send(self, key: bytes, **kwargs: object) -> asyncio.Future:
-            sends.append(key)
-            sent = asyncio.get_running_loop().create_future()
-            if len(sends) > 1:
-                sent.set_result(None)
-            return sent  # the first never completes
-
-    export.topic = Topic()
+    export.topic = Topic(sends, hang_first=True)
     monkeypatch.setattr(worker_group, "SEND_TIMEOUT_S", 0.05)
     task = asyncio.create_task(export.publish_every(0.01))
     for _ in range(200):
@@ -229,13 +236,7 @@ async def test_the_exposition_is_rendered_at_a_scrape_once_per_change(monkeypatc
         renders.append(1)
         return render(*args, **kwargs)
 
-    class Topic:
-        async def send(self, key: bytes, **kwargs: object) -> asyncio.Future:
-            sent = asyncio.get_running_loop().create_future()
-            sent.set_result(None)  # the label list, acknowledged
-            return sent
-
-    export.topic = Topic()
+    export.topic = Topic([])  # the label list, acknowledged
     monkeypatch.setattr(worker_group, "render_group", counted)
     history = _history([2, 3])
     export.apply(snapshot_key(0), Snapshot(0, 1, history[0]).to_bytes())
@@ -259,14 +260,7 @@ async def test_a_busy_partition_is_published_once_its_batch_landed() -> None:
     export = _export(lock=lambda p: lock, snapshot=lambda p: Snapshot(p, 1, Aggregate()))
     sends: list[bytes] = []
 
-    class Topic:
-        async def send(self, key: bytes, **kwargs: object) -> asyncio.Future:
-            sends.append(key)
-            sent = asyncio.get_running_loop().create_future()
-            sent.set_result(None)
-            return sent
-
-    export.topic = Topic()
+    export.topic = Topic(sends)
     export.changed(0)
     await lock.acquire()  # a batch is landing
     publishing = asyncio.ensure_future(export.publish())

@@ -259,9 +259,9 @@ def test_the_bench_comparison_is_off_unless_asked() -> None:
 
 
 def test_the_bench_comparison_pairs_each_repeat_with_its_one_process_run() -> None:
-    assert bench.processes_summary([], [{"rate": 1.0}]) == {"skipped": True}
-    compared = bench.processes_summary([{"rate": 300.0}, {"rate": 150.0}, {"rate": 200.0}],
-                                       [{"rate": 100.0}, {"rate": 100.0}, {"rate": 200.0}])
+    assert bench.beside([], [{"rate": 1.0}], processes=2) == {"skipped": True}
+    compared = bench.beside([{"rate": 300.0}, {"rate": 150.0}, {"rate": 200.0}],
+                            [{"rate": 100.0}, {"rate": 100.0}, {"rate": 200.0}], processes=2)
     assert compared["summary"] == {"min": 150.0, "median": 200.0, "max": 300.0}
     assert compared["ratio_summary"] == {"min": 1.0, "median": 1.5, "max": 3.0}
     summary = {"min": 1.0, "median": 2.0, "max": 3.0}

@@ -849,13 +849,13 @@ async def processes_throughput(settings: Settings, run: str, events_topic: str,
     return result
 
 
-def processes_summary(runs: list[dict[str, Any]], single: list[dict[str, Any]]
-                      ) -> dict[str, Any]:
-    """`--processes 2` against one process, repeat by repeat (each pair side by side)."""
+def beside(runs: list[dict[str, Any]], single: list[dict[str, Any]], **extra: Any
+           ) -> dict[str, Any]:
+    """Runs of another kind against the one-worker runs, repeat by repeat (each pair side
+    by side): their rates, and each run's rate over its repeat's one-worker rate."""
     if not runs:
         return {"skipped": True}
-    return {"processes": PROCESSES_COMPARED, "runs": runs,
-            "summary": summarize([r["rate"] for r in runs]),
+    return {**extra, "runs": runs, "summary": summarize([r["rate"] for r in runs]),
             "ratio_summary": summarize([ratio(r["rate"], w["rate"]) for r, w
                                         in zip(runs, single, strict=True)])}
 
@@ -944,18 +944,10 @@ async def run_bench(options: BenchOptions, settings: Settings, work_dir: Path, s
         },
         "latency": {"skipped": True},
         "memory": {"skipped": True},
-        "repartition": {"skipped": True},
-        "processes": processes_summary(processes_runs, worker_runs),
+        "repartition": beside(rekeyed_runs, worker_runs),  # re-keyed rate / direct rate
+        "processes": beside(processes_runs, worker_runs, processes=PROCESSES_COMPARED),
         "core": core,
     }
-    if rekeyed_runs:
-        rekeyed_summary = summarize([r["rate"] for r in rekeyed_runs])
-        results["repartition"] = {
-            "runs": rekeyed_runs, "summary": rekeyed_summary,
-            # side by side, repeat by repeat: re-keyed rate / direct rate
-            "ratio_summary": summarize([r["rate"] / w["rate"] for r, w
-                                        in zip(rekeyed_runs, worker_runs, strict=True)]),
-        }
     if options.latency:
         send_rate = worker_summary["median"] / 2
         count = max(1, round(send_rate * options.latency_s))
