@@ -414,3 +414,30 @@ def test_the_exporter_shows_the_latest_closed_window_with_bounded_labels() -> No
         (T0_MS + 2 * HOUR_MS) / 1000
     assert values[("acsr_window_policy_checks_passed", "60", "alpha")] == 1  # 14:11
     assert not any(intent == "beta" for _, _, intent in values)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), st.sampled_from((60, 3600)), st.integers(0, 40),
+                              st.sampled_from(("billing", "refund"))), max_size=60),
+       watermark_s=st.integers(0, 200_000), count=st.integers(1, 8))
+def test_recent_closed_and_expiry_match_a_scan_of_every_window(
+        ops: list[tuple[bool, int, int, str]], watermark_s: int, count: int) -> None:
+    """The sorted window starts kept beside the cells give what a scan of them gives."""
+    rules = WindowRules(WindowPolicy((60, 3600), 600), retention_s=7200)
+    windows = PartitionWindows(0, rules)
+    for add, size, index, intent in ops:
+        key = WindowKey(size, index * size, intent, "v1")
+        if add:
+            windows.load(key, Cell())
+        else:
+            windows.drop([key])
+    watermark_us = watermark_s * SECOND_US
+    for size in (60, 3600):
+        closed = rules.latest_closed_start(size, watermark_us)
+        starts = sorted({key.start for key in windows.cells
+                         if key.size == size and key.start <= closed}, reverse=True)[:count]
+        got = windows.recent_closed(watermark_us, count)[size]
+        assert list(got.cells) == starts
+        assert got.covered_from == (starts[-1] if len(starts) == count else None)
+    expiries = [rules.expires_at_us(key.size, key.start) for key in windows.cells]
+    assert windows._next_expiry_us == min(expiries, default=None)

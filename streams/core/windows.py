@@ -13,6 +13,7 @@ and is dropped once the partition's event time is the retention past its end.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -197,6 +198,7 @@ class PartitionWindows:
         self.rules = rules
         self.cells: dict[WindowKey, Cell] = {}
         self._members: dict[tuple[int, int], set[WindowKey]] = {}  # (size, start) -> keys
+        self._starts: dict[int, list[int]] = {size: [] for size in rules.sizes}  # sorted
         self._open: set[tuple[int, int]] = set()  # windows with a cell not emitted yet
         self._next_expiry_us: int | None = None
 
@@ -207,7 +209,11 @@ class PartitionWindows:
         """Take a cell as recovered from a table."""
         self.cells[key] = cell
         window = (key.size, key.start)
-        self._members.setdefault(window, set()).add(key)
+        members = self._members.get(window)
+        if members is None:
+            members = self._members[window] = set()
+            insort(self._starts.setdefault(key.size, []), key.start)
+        members.add(key)
         if not cell.emitted:
             self._open.add(window)
         expiry = self.rules.expires_at_us(*window)
@@ -264,7 +270,9 @@ class PartitionWindows:
         return sorted(key for window in expired for key in self._members[window])
 
     def drop(self, keys: Iterable[WindowKey]) -> None:
+        dropped = False
         for key in keys:
+            dropped = True
             self.cells.pop(key, None)
             window = (key.size, key.start)
             members = self._members.get(window)
@@ -273,8 +281,12 @@ class PartitionWindows:
                 if not members:
                     del self._members[window]
                     self._open.discard(window)
-        self._next_expiry_us = min(
-            (self.rules.expires_at_us(*w) for w in self._members), default=None)
+                    starts = self._starts[key.size]
+                    del starts[bisect_left(starts, key.start)]
+        if dropped:
+            self._next_expiry_us = min(
+                (self.rules.expires_at_us(size, starts[0])
+                 for size, starts in self._starts.items() if starts), default=None)
 
     def recent_closed(self, watermark_us: int | None, count: int) -> dict[int, RecentClosed]:
         """Per size: the start of the latest window the partition's event time has closed,
@@ -286,8 +298,9 @@ class PartitionWindows:
         out: dict[int, RecentClosed] = {}
         for size in self.rules.sizes:
             closed = self.rules.latest_closed_start(size, watermark_us)
-            starts = sorted((start for member_size, start in self._members
-                             if member_size == size and start <= closed), reverse=True)[:count]
+            held = self._starts.get(size, [])
+            end = bisect_right(held, closed)
+            starts = held[max(0, end - count):end][::-1]  # the latest first
             recent = {start: sorted((key, self.cells[key]) for key in self._members[(size, start)])
                       for start in starts}
             out[size] = RecentClosed(closed, starts[-1] if len(starts) == count else None,

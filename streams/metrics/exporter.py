@@ -102,7 +102,7 @@ PIPELINE_UNLABELLED: tuple[tuple[str, str, str], ...] = (
 )
 
 # Label values every label set of a figure shows from the start (at 0).
-_ZERO_VALUES: dict[str, tuple[str, tuple[str, ...]]] = {
+ZERO_VALUES: dict[str, tuple[str, tuple[str, ...]]] = {
     kpis.CONCLUDED: ("outcome", OUTCOMES),
     kpis.POLICY_CHECK: ("result", ("passed", "failed")),
     kpis.THUMBS: ("vote", ("up", "down")),
@@ -133,18 +133,21 @@ class GroupCollector(Collector):
                 yield self._histogram(metric, index.get(metric.figure, ()))
             else:
                 yield self._counter(metric, index.get(metric.figure, ()))
-        yield from self._pipeline(self.figures.total)
-        yield from self._windows()
+        yield from self.pipeline(self.figures.total)
+        yield from self.windows()
+        yield self.reporting()
+
+    def reporting(self) -> GaugeMetricFamily:
         reporting = GaugeMetricFamily("acsr_group_partitions",
                                       "Partitions whose figures the group exposition holds.")
         reporting.add_metric((), self.figures.partitions)
-        yield reporting
+        return reporting
 
     def kept(self, metric: KpiMetric) -> tuple[str, ...]:
         dropped = self.drops.get(metric.exported_name, frozenset())
         return tuple(label for label in metric.labels if label not in dropped)
 
-    def _values(self, metric: KpiMetric, labels: tuple[str, ...], dims: kpis.Dims,
+    def exported_labels(self, metric: KpiMetric, labels: tuple[str, ...], dims: kpis.Dims,
                 kept: tuple[str, ...]) -> tuple[str, ...]:
         bounded = self._dims.get(dims)
         if bounded is None:
@@ -162,9 +165,9 @@ class GroupCollector(Collector):
         family = CounterMetricFamily(metric.name, metric.help, labels=kept)
         cells: dict[tuple[str, ...], float] = {}
         for labels, dims, (count, total) in series:
-            key = self._values(metric, labels, dims, kept)
+            key = self.exported_labels(metric, labels, dims, kept)
             cells[key] = cells.get(key, 0.0) + (total if metric.use_sum else count)
-        zero = _ZERO_VALUES.get(metric.figure)
+        zero = ZERO_VALUES.get(metric.figure)
         if zero is not None and zero[0] in kept:
             at = kept.index(zero[0])
             for key in list(cells):
@@ -182,7 +185,7 @@ class GroupCollector(Collector):
         merged: dict[tuple[str, ...], tuple[list[int], float]] = {}
         for labels, dims, (_, observed_sum) in series:
             buckets = histograms[(metric.figure, labels, dims)]
-            key = self._values(metric, labels, dims, kept)
+            key = self.exported_labels(metric, labels, dims, kept)
             counts, total = merged.get(key, ([0] * len(buckets), 0.0))
             merged[key] = ([a + b for a, b in zip(counts, buckets, strict=True)],
                            total + observed_sum)
@@ -190,12 +193,12 @@ class GroupCollector(Collector):
             cumulative, running = [], 0
             for bound, n in zip((*bounds, math.inf), counts, strict=True):
                 running += n
-                cumulative.append((_le(bound), running))
+                cumulative.append((le_label(bound), running))
             family.add_metric(key, cumulative, total)
         return family
 
     @staticmethod
-    def _pipeline(total: Aggregate) -> Iterator:
+    def pipeline(total: Aggregate) -> Iterator:
         for metric, help_text, name, label, known in PIPELINE:
             family = CounterMetricFamily(metric, help_text, labels=(label,))
             values = dict.fromkeys(known, 0)
@@ -210,7 +213,7 @@ class GroupCollector(Collector):
             family.add_metric((), total.pipeline.get((name, ""), 0))
             yield family
 
-    def _windows(self) -> Iterator:
+    def windows(self) -> Iterator:
         """Gauges of the group's latest closed event-time window of each size."""
         labels = ("window", "intent", "agent_version")
         families = {kind: GaugeMetricFamily(metric, help_text, labels=labels)
@@ -312,7 +315,7 @@ def _by_figure(series: dict[tuple[str, tuple[str, ...], kpis.Dims], list[float]]
     return index
 
 
-def _le(bound: float) -> str:
+def le_label(bound: float) -> str:
     if math.isinf(bound):
         return "+Inf"
     return repr(float(bound))

@@ -1,4 +1,4 @@
-"""The `acsr-metrics` command line: worker and replay."""
+"""The `acsr-metrics` command line: worker, replay, backfill and the tools."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from streams import __version__
 from streams.config import ConfigError, Settings, from_env
 from streams.kafka.broker import BrokerUnavailable, ensure_topics
 from streams.kafka.partitioners import PARTITIONERS
+from streams.tools.backfill import add_parser as add_backfill_parser
+from streams.tools.backfill import run_backfill_command
 from streams.tools.bench import add_parser as add_bench_parser
 from streams.tools.bench import run_bench_command
 from streams.tools.demo import add_demo_arguments, run_demo_command
@@ -94,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sample_resolved_arg(replay)
 
     add_export_parser(commands)
+    add_backfill_parser(commands)
 
     demo = commands.add_parser(
         "demo", help="embedded broker, one worker, live traffic and a terminal view")
@@ -217,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "replay":
             replay_base = base.with_overrides(partitions=args.partitions or 4)
             return run_replay_command(args, _settings(args, replay_base))
+        if args.command == "backfill":
+            return run_backfill_command(args, base)
         if args.command == "export-queue":
             return run_export_command(args, base)
         if args.command == "bench":
