@@ -21,6 +21,7 @@ from streams.config import Settings
 from streams.core.events import Event
 from streams.metrics.exporter import GroupCollector
 from streams.metrics.openmetrics import Chunk, Frame, Frames
+from streams.metrics.timeline import GroupTimeline
 from streams.tools.backfill import (
     Backfill,
     BadInput,
@@ -62,8 +63,11 @@ def flat(frames: Frames, frame: Frame) -> dict[str, float]:
 @given(seed=st.integers(0, 10_000), partitions=st.integers(1, 5))
 def test_the_timeline_shows_what_the_collector_renders_at_every_moment(
         seed: int, partitions: int) -> None:
-    """The incremental exposition equals the scrape-time collector's, bit for bit."""
+    """The incremental exposition equals the scrape-time collector's, bit for bit, whether
+    it is told which series moved or finds them itself."""
     history = History(Settings(), partitions)
+    scanning_frames = Frames()
+    scanning = GroupTimeline(history.labels, history.drops, scanning_frames)
     moments = 0
     next_us = None
     for line in traffic(seed, 60):
@@ -75,7 +79,9 @@ def test_the_timeline_shows_what_the_collector_renders_at_every_moment(
                 history.apply()
                 rendered = history.frames.of(GroupCollector(
                     history.figures(), history.labels, history.drops).collect())
-                assert flat(history.frames, history.frame()) == flat(history.frames, rendered)
+                expected = flat(history.frames, rendered)
+                assert flat(history.frames, history.frame()) == expected
+                assert flat(scanning_frames, scanning.frame(history.figures())) == expected
                 moments += 1
                 next_us = parsed.ts_us + 60_000_000
         history.add(partition, parsed)

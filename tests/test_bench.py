@@ -8,12 +8,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from streams.config import ConfigError
+from streams.config import ConfigError, Settings
 from streams.core.events import parse_event
-from streams.tools import bench
+from streams.tools import backfill_bench, bench
 from streams.tools.cli import build_parser, main
 from streams.tools.replay import proc_status_kb
 
@@ -21,6 +22,10 @@ from .conftest import BrokerInfo
 
 LAST_LINE = re.compile(
     r"bench: processor (\d+) ev/s, raw ceiling (\d+) ev/s, ratio (\d+\.\d{3})")
+NUMBER = r"\d[\d,]*(?:\.\d+)?"
+BACKFILL_LINE = re.compile(
+    rf"backfill: ({NUMBER})/({NUMBER})/({NUMBER}) events/s \(min/median/max over (\d+) runs\), "
+    rf"target 100,000; OpenMetrics ({NUMBER}) MB per day of event time")
 
 
 def test_percentile_is_the_nearest_rank() -> None:
@@ -212,7 +217,8 @@ def test_a_tiny_bench_run(kafka: BrokerInfo, tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     flags = ["--broker", kafka.bootstrap, *(["--tansu"] if kafka.embedded else []),
              "--events", "1500", "--repeats", "1", "--latency-seconds", "3",
-             "--open-cases", "500", "--workers", "2", "--out", str(out)]
+             "--open-cases", "500", "--workers", "2", "--backfill-events", "2000",
+             "--out", str(out)]
     done = subprocess.run([sys.executable, "-m", "streams", "bench", *flags],
                           capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -246,3 +252,108 @@ def test_a_tiny_bench_run(kafka: BrokerInfo, tmp_path: Path) -> None:
     rekeyed = results["repartition"]["runs"][0]
     assert rekeyed["events"] == 1500 and rekeyed["rate"] > 0
     assert "repartition / direct, per run" in done.stdout
+    assert any(BACKFILL_LINE.fullmatch(line) for line in done.stdout.splitlines())
+    assert results["backfill"]["runs"][0]["lines"] == 2000
+
+
+# --- the backfill's rate (streams/tools/backfill_bench.py) ------------------------------
+
+
+def _table(**extra: object) -> str:
+    summary = {"min": 1.0, "median": 2.0, "max": 3.0}
+    processor = dict.fromkeys(("summary", "start_summary", "peak_rss_summary",
+                               "samples_summary", "render_ms_summary", "scrape_ms_summary"),
+                              summary)
+    return bench.format_table({
+        "config": {"partitions": 4},
+        "throughput": {"events": 10, "simulated_hours": 0.1, "ratio": 0.5,
+                       "raw": {"summary": summary}, "processor": processor},
+        "latency": {"skipped": True}, "memory": {"skipped": True}, **extra})
+
+
+@pytest.fixture(scope="module")
+def backfilled() -> dict[str, object]:
+    """3,000 simulator events backfilled once: a few seconds."""
+    return backfill_bench.backfill_benchmark(Settings(), events=3000, repeats=1, seed=1)
+
+
+def test_the_backfill_bench_measures_rate_bytes_and_decode(
+        backfilled: dict[str, Any]) -> None:
+    assert backfilled["archive"]["events"] == 3000 and backfilled["archive"]["bytes"] > 0
+    run, = backfilled["runs"]
+    assert run["lines"] == 3000 and 0 < run["invalid"] < 100  # the simulator's few
+    # Invalid messages break the contract; only some of them are not JSON at all.
+    assert 3000 - run["invalid"] <= run["decoded"] <= 3000
+    assert run["seconds"] > 0 and run["rate"] == pytest.approx(3000 / run["seconds"])
+    assert run["decode_rate"] > run["rate"] and run["ratio"] > 1
+    assert run["bytes_written"] == sum(run["chunk_bytes"].values()) > 0
+    assert run["first_s"] == 1_788_220_800  # the archive starts at 2026-09-01T00:00:00Z
+    days = (run["last_s"] - run["first_s"] + 60) / 86_400
+    assert run["mb_per_day"] == pytest.approx(run["bytes_written"] / 1e6 / days)
+    assert backfilled["rate_summary"]["median"] == run["rate"]
+    assert backfilled["process_peak_rss_mb"] >= backfilled["process_peak_rss_before_mb"] > 0
+    assert backfilled["partitions"] == Settings().partitions and backfilled["step_s"] == 60
+
+
+def test_the_same_seed_writes_the_same_archive(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert backfill_bench.write_archive(first, 200)["events"] == 200
+    backfill_bench.write_archive(second, 200)
+    assert first.read_bytes() == second.read_bytes()
+    assert len(first.read_bytes().splitlines()) == 200
+    with pytest.raises(ValueError):
+        backfill_bench.backfill_benchmark(Settings(), events=0)
+
+
+def test_mb_per_day_of_event_time() -> None:
+    assert backfill_bench.mb_per_day(12_000_000, 0, 86_400 - 60) == pytest.approx(12.0)
+    assert backfill_bench.mb_per_day(6_000_000, 0, 43_200 - 60) == pytest.approx(12.0)
+    assert math.isnan(backfill_bench.mb_per_day(0, None, None))
+
+
+def test_the_backfill_row_is_printed_with_numbers(backfilled: dict[str, Any]) -> None:
+    table = _table(backfill=backfilled)
+    matches = [BACKFILL_LINE.fullmatch(line) for line in table.splitlines()]
+    match, = [m for m in matches if m]
+    low, median, high = (float(match.group(i).replace(",", "")) for i in (1, 2, 3))
+    assert 0 < low <= median <= high and match.group(4) == "1"
+    assert float(match.group(5).replace(",", "")) > 0
+    rows = {line[:32].strip(): line[32:].split() for line in table.splitlines()}
+    assert len(rows["backfill (ev/s)"]) == 3
+    assert len(rows["backfill / orjson decode, CPU"]) == 3
+    assert "3,000 events over" in table and "process peak RSS" in table
+
+
+def test_no_backfill_skips_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _options().backfill and _options().backfill_events == 500_000
+    options = _options("--backfill-events", "3000", "--no-latency")
+    assert (options.backfill, options.backfill_events) == (True, 3000)
+    assert not _options("--no-backfill").backfill
+    assert not _options("--no-backfill", "--backfill-events", "0").backfill
+    with pytest.raises(ConfigError, match="--backfill-events must be > 0"):
+        _options("--backfill-events", "0")
+    table = _table(backfill={"skipped": True})
+    assert "backfill" not in table and table == _table()
+    # The command runs it first, before any broker starts, unless told not to.
+    calls: list[int] = []
+
+    class BrokerStarted(Exception):
+        pass
+
+    def measured(settings: Settings, events: int, repeats: int, seed: int, say: Any
+                 ) -> dict[str, Any]:
+        calls.append(events)
+        raise KeyboardInterrupt  # stop before the broker starts
+
+    def broker() -> None:
+        raise BrokerStarted
+
+    monkeypatch.setattr(bench, "measure_backfill", measured)
+    monkeypatch.setattr(bench, "EmbeddedBroker", broker)
+    parse = build_parser().parse_args
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench_command(parse(["bench", "--backfill-events", "3000"]), Settings())
+    assert calls == [3000]
+    with pytest.raises(BrokerStarted):
+        bench.run_bench_command(parse(["bench", "--no-backfill"]), Settings())
+    assert calls == [3000]

@@ -226,7 +226,9 @@ class Ledger:
         self.spill_entries = SPILL_ENTRIES
         self.aggregates: dict[int, Aggregate] = {}
         self.watermarks: dict[int, int] = {}
-        self.case_keys: dict[int, set[str]] = {}
+        # Each partition's cases and their last event time as last written (what an
+        # expiry sweep needs, without decoding every case to learn it).
+        self.case_keys: dict[int, dict[str, int | None]] = {}
         self.last_sweep: dict[int, int] = {}
         self.positions: dict[int, int] = {}  # next offset to process, per events partition
         self.pending: dict[int, PendingBatch] = {}  # recovered batch markers
@@ -501,11 +503,11 @@ class Ledger:
     def _account(self, partition: int, steps: Iterable[tuple[str, Step]]) -> None:
         """Add applied steps (case, step) to the partition's aggregate."""
         agg = self.aggregate(partition)
-        keys = self.case_keys.setdefault(partition, set())
+        keys = self.case_keys.setdefault(partition, {})
         for case_id, step in steps:
             agg.add_facts(step.facts)
             agg.add_pipeline(step.pipeline)
-            keys.add(case_id)
+            keys[case_id] = step.state.last_us
 
     @staticmethod
     def _empty() -> Aggregate:
@@ -551,12 +553,15 @@ class Ledger:
         not land (a crash): a rebuild does not count it, the next fold deletes it, and an
         event for it starts the case again. A case written after the fold is counted."""
         record = PartitionRecord.from_bytes(records.get(partition))
-        keys = self.case_keys.get(partition, set())
+        keys = self.case_keys.get(partition, {})
         leftovers = {case_id for case_id in self.stale.pop(partition, set()) if case_id in cases}
         figures, counters = self._empty(), record.counters()
         expired: list[str] = []
         cursor = None
-        for case_id in sorted(key for key in keys - leftovers if key > after):
+        # Only cases last written idle enough can be: the others are not even decoded.
+        idle = sorted(key for key, last_us in keys.items() if key > after
+                      and (last_us is None or last_us < before_us) and key not in leftovers)
+        for case_id in idle:
             raw = cases.get(case_id)
             if raw is None:
                 continue
@@ -583,7 +588,7 @@ class Ledger:
             del cases[case_id]
             for index in range(spills):
                 cases.pop(spill_key(case_id, index), None)
-            keys.discard(case_id)
+            keys.pop(case_id, None)
         return len(expired), cursor
 
     # --- recovery ---------------------------------------------------------------------
@@ -606,7 +611,7 @@ class Ledger:
         self.hot.drop(partitions)
         for partition in partitions:
             self.aggregates[partition] = self._empty()
-            self.case_keys[partition] = set()
+            self.case_keys[partition] = {}
             for table in (self.watermarks, self.last_sweep, self.pending, self.sweeps,
                           self.stale, self.folds):
                 table.pop(partition, None)
@@ -638,7 +643,7 @@ class Ledger:
             agg = self.aggregates[partition]
             agg.merge(self.case_figures(table, case_id, state))
             agg.add_pipeline(state.pipeline)
-            self.case_keys[partition].add(case_id)
+            self.case_keys[partition][case_id] = state.last_us
             pending = self.pending.get(partition)
             if pending is None or state.offset < pending.start:
                 # A case written by the pending batch may be one of only some that

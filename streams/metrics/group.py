@@ -228,14 +228,7 @@ class GroupState:
 
     def label_values(self, total: Aggregate) -> dict[str, list[str]]:
         """The bounded labels' values in `total`, sorted (the order they are admitted in)."""
-        found: dict[str, set[str]] = {label: set() for label in BOUNDED}
-        for name, labels, dims in total.series:
-            found["intent"].add(dims[0])
-            found["channel"].add(dims[1])
-            found["agent_version"].add(dims[2])
-            for label, value in zip(FIGURE_LABELS.get(name, ()), labels, strict=False):
-                if label in found:
-                    found[label].add(value)
+        found = series_label_values(total.series)
         for held in self.windows.values():
             for digest in held.values():
                 for cells in digest.cells.values():
@@ -243,3 +236,17 @@ class GroupState:
                         found["intent"].add(intent)
                         found["agent_version"].add(version)
         return {label: sorted(values) for label, values in found.items()}
+
+
+def series_label_values(keys: Iterable[tuple[str, tuple[str, ...], tuple[str, ...]]]
+                        ) -> dict[str, set[str]]:
+    """The bounded labels' values in these aggregate series keys (figure, labels, dims)."""
+    found: dict[str, set[str]] = {label: set() for label in BOUNDED}
+    for name, labels, dims in keys:
+        found["intent"].add(dims[0])
+        found["channel"].add(dims[1])
+        found["agent_version"].add(dims[2])
+        for label, value in zip(FIGURE_LABELS.get(name, ()), labels, strict=False):
+            if label in found:
+                found[label].add(value)
+    return found

@@ -11,7 +11,7 @@ small families (pipeline counters, window gauges) are collected whole.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any, NamedTuple
 
@@ -53,9 +53,10 @@ class GroupTimeline:
         self.ids: dict[Target, int] = {}
         self.current: dict[int, tuple[float, ...]] = {}  # the KPI metrics' values by id
 
-    def frame(self, figures: GroupFigures) -> Frame:
+    def frame(self, figures: GroupFigures, moved: Iterable[SeriesKey] | None = None) -> Frame:
         """The exposition of `figures`: those of the last call plus what changed since
-        (the aggregate only grows: series are added and their counters go up)."""
+        (the aggregate only grows: series are added and their counters go up). `moved`
+        names the series that changed, if the caller knows; else every one is checked."""
         collector = GroupCollector(figures, self.bounds, self.drops)
         if not self.known:
             self._headers(collector)
@@ -64,15 +65,12 @@ class GroupTimeline:
             for key in islice(total.series, self.known, None):
                 self._place(collector, key)
             self.known = len(total.series)
-        moved: set[Target] = set()
-        counts, targets = self.counts, self.target
-        for key, cell in total.series.items():
-            if counts.get(key) != cell[0]:
-                counts[key] = cell[0]
-                target = targets.get(key)
-                if target is not None:
-                    moved.add(target)
-        for target in moved:
+        targets = self.target
+        if moved is None:
+            moved = [key for key, cell in total.series.items()
+                     if self.counts.get(key) != cell[0]]
+            self.counts.update((key, total.series[key][0]) for key in moved)
+        for target in {targets[key] for key in moved if key in targets}:
             self._recompute(target, figures)
         rest = self.frames.of(self._small_families(collector))
         return Frame((*self.current.items(), *rest.metrics))

@@ -289,10 +289,12 @@ class Backfill:
             final.append(target)
         self.partial.rmdir()
         self.result.chunks = final
-        if self.blocks is not None and self.result.first_s is not None:
-            assert self.result.last_s is not None
-            self.result.raw_blocks, self.result.rule_blocks = self.blocks.finish(
-                self.result.first_s, self.result.last_s + self.step_s)
+        if self.blocks is not None:
+            if self.result.first_s is None or self.result.last_s is None:
+                self.blocks.abandon()  # no sample: no block
+            else:
+                self.result.raw_blocks, self.result.rule_blocks = self.blocks.finish(
+                    self.result.first_s, self.result.last_s + self.step_s)
 
 
 class Blocks:

@@ -22,6 +22,11 @@ One run, on the embedded broker (or `--broker`), every topic and consumer group 
 4. Memory: a fresh, warmed-up worker's RSS before and after N distinct cases are opened;
    the case retention (event time) is what bounds the number of open cases.
 
+Before all of that, and before the broker starts: the backfill (`acsr-metrics backfill`,
+no broker) on an archive of `--backfill-events` simulator events, `--repeats` times beside
+orjson's decode of the same lines; its rate and the OpenMetrics it writes per day of event
+time (streams/tools/backfill_bench.py; `--no-backfill` skips it).
+
 The last stdout line is `bench: processor X ev/s, raw ceiling Y ev/s, ratio Z`.
 """
 
@@ -59,6 +64,8 @@ from streams.kafka.publisher import Publisher, build_event
 from streams.kafka.reader import reader
 from streams.kafka.security import kafka_client_kwargs
 from streams.metrics.exporter import metric_sums
+from streams.tools.backfill_bench import EVENTS as BACKFILL_EVENTS
+from streams.tools.backfill_bench import backfill_line, measure_backfill
 from streams.tools.core_bench import measure_core
 from streams.tools.replay import (
     Cluster,
@@ -115,6 +122,8 @@ class BenchOptions:
     repartition: bool = True  # also each repeat with ACSR_PARTITIONER=repartition
     core: bool = True  # the pure core against orjson's decode (streams/tools/core_bench.py)
     processes_compare: bool = False  # also each repeat with `worker --processes 2`
+    backfill: bool = True  # the backfill's rate (streams/tools/backfill_bench.py)
+    backfill_events: int = BACKFILL_EVENTS
     seed: int = 1
     scrape_s: float = 1.0  # latency: how often /metrics is scraped (a scrape costs ~0.1 s)
     stall_timeout_s: float = 120.0
@@ -159,6 +168,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     bench.add_argument("--no-core", action="store_true",
                        help="skip timing the pure core (parse and ledger, no broker) against "
                        "orjson's decode of the same events")
+    bench.add_argument("--no-backfill", action="store_true",
+                       help="skip timing `acsr-metrics backfill` (no broker) on an archive of "
+                       "simulator events against orjson's decode of the same lines")
+    bench.add_argument("--backfill-events", type=int, default=defaults.backfill_events,
+                       help="events in the backfill's archive (default "
+                       f"{defaults.backfill_events})")
     bench.add_argument("--processes-compare", action="store_true",
                        help=f"also run `worker --processes {PROCESSES_COMPARED}` in each repeat "
                        "(a supervisor and its processes, the same events, a group of its "
@@ -193,6 +208,9 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     if not args.no_memory and args.open_cases <= 0:
         raise ConfigError(f"--open-cases must be > 0, got {args.open_cases} "
                           "(or skip the run with --no-memory)")
+    if not args.no_backfill and args.backfill_events <= 0:
+        raise ConfigError(f"--backfill-events must be > 0, got {args.backfill_events} "
+                          "(or skip the run with --no-backfill)")
     if not args.scrape_interval > 0:
         raise ConfigError(f"--scrape-interval must be > 0 seconds, got {args.scrape_interval:g}")
     if not args.stall_timeout > 0:
@@ -213,6 +231,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
                         latency=not args.no_latency, memory=not args.no_memory,
                         repartition=not args.no_repartition, core=not args.no_core,
                         processes_compare=args.processes_compare,
+                        backfill=not args.no_backfill, backfill_events=args.backfill_events,
                         seed=args.seed, scrape_s=args.scrape_interval,
                         stall_timeout_s=args.stall_timeout, out=args.out,
                         broker=args.broker, tansu=args.tansu)
@@ -230,7 +249,7 @@ def run_bench_command(args: argparse.Namespace, base: Settings) -> int:
     # they run in sessions of their own, so nothing else would.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return _run_bench_command(options, settings)
+        return _run_bench_command(options, settings, base)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -239,10 +258,14 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _run_bench_command(options: BenchOptions, settings: Settings) -> int:
+def _run_bench_command(options: BenchOptions, settings: Settings, base: Settings) -> int:
     logging.getLogger("aiokafka").setLevel(logging.ERROR)  # retries would drown progress
-    work_dir = Path(tempfile.mkdtemp(prefix="acsr-bench-"))
     say = _stderr_say
+    # First, with no broker yet to share the machine: the backfill needs none, and runs
+    # with the settings `acsr-metrics backfill` would have (its partitions, not --partitions).
+    backfill = (measure_backfill(base, options.backfill_events, options.repeats,
+                                 options.seed, say) if options.backfill else {"skipped": True})
+    work_dir = Path(tempfile.mkdtemp(prefix="acsr-bench-"))
     broker: EmbeddedBroker | None = None
     ok = False
     try:
@@ -264,6 +287,8 @@ def _run_bench_command(options: BenchOptions, settings: Settings) -> int:
             shutil.rmtree(work_dir, ignore_errors=True)
         else:
             say(f"bench: worker logs kept in {work_dir}")
+    line = results.pop("line")
+    results.update(backfill=backfill, line=line)
     print(format_table(results))
     try:
         options.out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
@@ -405,6 +430,11 @@ def format_table(results: dict[str, Any]) -> str:
         add("pure core / orjson decode", core["ratio_summary"], 1)
         add("  pure core (µs/event)", core["core_us_summary"], 2)
         add("  orjson decode (µs/event)", core["decode_us_summary"], 2)
+    backfill = results.get("backfill", {"skipped": True})
+    if not backfill.get("skipped"):
+        add("backfill (ev/s)", backfill["rate_summary"])
+        add("backfill / orjson decode, CPU", backfill["ratio_summary"], 1)
+        add("  orjson decode (ev/s)", backfill["decode_rate_summary"])
     lines = [f"{rows[0][0]:<32}{rows[0][1]:>12}{rows[0][2]:>12}{rows[0][3]:>12}"]
     lines += [f"{label:<32}{a:>12}{b:>12}{c:>12}" for label, a, b, c in rows[1:]]
     lines.append(f"{'ratio of medians':<32}{throughput['ratio']:>36.3f}")
@@ -432,6 +462,15 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"  bounded by the case retention: {memory['case_retention_s']:,} s "
                      f"({memory['case_retention_s'] / 86_400:g} days) of event time, after "
                      "which an idle case is folded away")
+    if not backfill.get("skipped"):
+        archive = backfill["archive"]
+        lines.append(backfill_line(backfill))
+        lines.append(f"  {archive['events']:,} events over {archive['event_time_days']:.2f} days "
+                     f"of event time, every {backfill['step_s']} s on "
+                     f"{backfill['partitions']} partitions: "
+                     f"{backfill['seconds_summary']['median']:,.1f} s and "
+                     f"{backfill['bytes_written_summary']['median'] / 1e6:,.1f} MB a run "
+                     f"(median); process peak RSS {backfill['process_peak_rss_mb']:,.0f} MB")
     return "\n".join(lines)
 
 

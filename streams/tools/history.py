@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from streams.config import Settings
@@ -25,7 +26,7 @@ from streams.core.ledger import BatchPlan, Ledger
 from streams.core.windows import Cell, PartitionWindows, WindowKey, WindowRules, aggregate_rows
 from streams.kafka.partitioners import MURMUR2, REPARTITION, CaseRouting
 from streams.metrics.exporter import GroupCollector, GroupFigures, LabelBounds
-from streams.metrics.group import RECENT_WINDOWS, GroupState, Snapshot
+from streams.metrics.group import RECENT_WINDOWS, GroupState, Snapshot, series_label_values
 from streams.metrics.openmetrics import Frame, Frames
 from streams.metrics.timeline import GroupTimeline
 from streams.tools.core_bench import worker_ledger
@@ -78,7 +79,10 @@ class History:
         self.frames = Frames()
         self.timeline = GroupTimeline(self.labels, self.drops, self.frames)
         self.unkeyed = 0
-        self.series_seen = -1
+        # Aggregate series that facts changed since the last frame: only the figures' facts
+        # add to them (ledger._account).
+        self.moved: set[tuple[str, tuple[str, ...], tuple[str, ...]]] = set()
+        self.series_seen = 0  # aggregate series whose label values were admitted
         self.messages = 0
         self.invalid = 0
         self.time_us: int | None = None  # the latest event time of any valid event
@@ -127,9 +131,14 @@ class History:
         if plan.applied or plan.invalid:
             ledger.mark_batch(self.records, plan)
         ledger.commit_batch(self.cases, plan)
+        moved = self.moved
+        for applied in plan.applied:
+            for fact in applied.step.facts:
+                moved.add((fact.name, fact.labels, fact.dims))
         for case_id, ts_us in plan.links:
             home = self.routing.home(case_id)
-            ledger.apply_link(self.cases, case_id, home, ts_us)
+            step = ledger.apply_link(self.cases, case_id, home, ts_us)
+            moved.update((fact.name, fact.labels, fact.dims) for fact in step.facts)
             self.logs[home].changed = True
         self._advance_windows(log)
         ledger.maybe_expire(self.cases, self.records, partition)
@@ -163,9 +172,14 @@ class History:
             if log.changed:
                 log.changed = False
                 self.group.add(self._snapshot(log))
-        if len(self.total.series) != self.series_seen:  # new values come with new series
-            self.series_seen = len(self.total.series)
-            self.labels.admit(self.group.label_values(self.total))
+        series = self.total.series
+        if len(series) > self.series_seen:
+            # New label values come with new series only (a window cell's come from facts
+            # that made series too), and every value seen before was admitted or refused
+            # for good: the new series' values are all there is to admit.
+            found = series_label_values(islice(series, self.series_seen, None))
+            self.series_seen = len(series)
+            self.labels.admit({label: sorted(values) for label, values in found.items()})
         return GroupFigures(self.total, self.group.group_windows(), len(self.group.figures))
 
     def _snapshot(self, log: PartitionLog) -> Snapshot:
@@ -181,7 +195,8 @@ class History:
     def frame(self) -> Frame:
         """The `/metrics/group` exposition now, as a frame of `self.frames` (only what
         changed since the last one is computed again)."""
-        return self.timeline.frame(self.figures())
+        moved, self.moved = self.moved, set()
+        return self.timeline.frame(self.figures(), moved)
 
     def report(self) -> dict[str, Any]:
         """The replay report of everything applied (`replay` sums the same figures)."""
