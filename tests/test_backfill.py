@@ -9,6 +9,8 @@ import gzip
 import io
 import json
 import re
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import orjson
@@ -20,7 +22,7 @@ from prometheus_client.openmetrics.parser import _parse_sample, text_string_to_m
 from streams.config import Settings
 from streams.core.events import Event
 from streams.metrics.exporter import GroupCollector
-from streams.metrics.openmetrics import Chunk, Frame, Frames
+from streams.metrics.openmetrics import Chunk, Exposition, Frames
 from streams.metrics.timeline import GroupTimeline
 from streams.tools.backfill import (
     Backfill,
@@ -46,10 +48,10 @@ def traffic(seed: int, seconds: float, rate: float = 20, speed: float = 30) -> l
     return [message.value for message in horizon(iter(simulation), seconds * speed)]
 
 
-def flat(frames: Frames, frame: Frame) -> dict[str, float]:
-    """A frame as sample line beginnings -> values."""
+def flat(frames: Frames, metrics: Iterable[tuple[int, tuple[float, ...]]]) -> dict[str, float]:
+    """An exposition as sample line beginnings -> values."""
     out = {}
-    for metric_id, values in frame.metrics:
+    for metric_id, values in metrics:
         for prefix, value in zip(frames.prefixes[metric_id], values, strict=True):
             assert prefix not in out, prefix
             out[prefix] = value
@@ -79,9 +81,11 @@ def test_the_timeline_shows_what_the_collector_renders_at_every_moment(
                 history.apply()
                 rendered = history.frames.of(GroupCollector(
                     history.figures(), history.labels, history.drops).collect())
-                expected = flat(history.frames, rendered)
-                assert flat(history.frames, history.frame()) == expected
-                assert flat(scanning_frames, scanning.frame(history.figures())) == expected
+                expected = flat(history.frames, rendered.metrics)
+                history.update()
+                assert flat(history.frames, history.exposition.now.items()) == expected
+                scanning.update(history.figures())
+                assert flat(scanning_frames, scanning.exposition.now.items()) == expected
                 moments += 1
                 next_us = parsed.ts_us + 60_000_000
         history.add(partition, parsed)
@@ -234,10 +238,13 @@ def test_label_values_are_escaped_and_moments_must_go_forward() -> None:
     family.add_metric(('a "b"\\c\nd',), 2)
     frames = Frames()
     chunk = Chunk(frames)
-    chunk.add(100, frames.of([family]))
-    chunk.add(160, frames.of([family]))
+    exposition = Exposition()
+    for metric_id, values in frames.of([family]).metrics:
+        exposition.set(metric_id, values)
+    chunk.add(100, exposition.take(), exposition)
+    chunk.add(160, exposition.take(), exposition)
     with pytest.raises(ValueError, match="time order"):
-        chunk.add(160, frames.of([family]))
+        chunk.add(160, exposition.take(), exposition)
     text = "".join(chunk.render())
     parsed = list(text_string_to_metric_families(text))
     assert [s.labels["intent"] for s in parsed[0].samples] == ['a "b"\\c\nd'] * 2
@@ -320,3 +327,18 @@ def test_the_command_writes_chunks_and_the_report(tmp_path: Path, sample_events:
         "acsr-2026-11-22T120500Z.om", "acsr-2026-11-23T000000Z.om",
         "acsr-2026-11-24T000000Z.om"]
 
+
+
+@pytest.mark.skipif(not (shutil.which("promtool") and shutil.which("prometheus")),
+                    reason="needs promtool and prometheus (apt-get install prometheus)")
+def test_an_alerting_rule_is_refused_before_any_event_is_read(
+        tmp_path: Path, sample_events: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rules = tmp_path / "alerts.yml"
+    rules.write_text("groups:\n- name: g\n  rules:\n  - alert: Down\n    expr: up == 0\n")
+    out, tsdb = tmp_path / "om", tmp_path / "tsdb"
+    code = main(["backfill", str(sample_events), "--openmetrics", str(out), "--tsdb",
+                 str(tsdb), "--rules", str(rules), "--quiet"])
+    assert code == 2
+    assert "alert" in capsys.readouterr().err.lower()
+    assert not out.exists()
+    assert not tsdb.exists()

@@ -441,3 +441,6 @@ def test_recent_closed_and_expiry_match_a_scan_of_every_window(
         assert got.covered_from == (starts[-1] if len(starts) == count else None)
     expiries = [rules.expires_at_us(key.size, key.start) for key in windows.cells]
     assert windows._next_expiry_us == min(expiries, default=None)
+    for watermark in (watermark_us, *expiries):
+        assert windows.expiring(watermark) == sorted(
+            key for key in windows.cells if watermark >= rules.expires_at_us(key.size, key.start))

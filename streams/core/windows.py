@@ -266,8 +266,13 @@ class PartitionWindows:
         if watermark_us is None or self._next_expiry_us is None \
                 or watermark_us < self._next_expiry_us:
             return []
-        expired = [w for w in self._members if watermark_us >= self.rules.expires_at_us(*w)]
-        return sorted(key for window in expired for key in self._members[window])
+        # A window of `size` has expired once its start is at most this (expires_at_us).
+        keys = []
+        for size, starts in self._starts.items():
+            latest = watermark_us // SECOND_US - size - self.rules.retention_s
+            for start in starts[:bisect_right(starts, latest)]:
+                keys.extend(self._members[(size, start)])
+        return sorted(keys)
 
     def drop(self, keys: Iterable[WindowKey]) -> None:
         dropped = False

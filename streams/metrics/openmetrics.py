@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,46 @@ class Header:
 
 @dataclass(frozen=True)
 class Frame:
-    """Metric families at one moment: each metric's id (`Frames`) with its values. A chunk
-    keeps frames, not lines: a frame is made once and stands for every moment the figures
-    stay the same, and an unchanged metric shares its values with the frame before."""
+    """Metric families at one moment: each metric's id (`Frames`) with its values; an
+    unchanged metric shares its values with the frame before."""
 
     metrics: tuple[tuple[int, Values], ...]
+
+
+@dataclass
+class Changes:
+    """What changed in an exposition since the moment before: the metrics with new values
+    (or new metrics), and those gone. A chunk keeps changes, not samples: its memory and
+    work grow with what changes, not with the series times the moments."""
+
+    values: dict[int, Values] = field(default_factory=dict)
+    gone: set[int] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.values or self.gone)
+
+
+class Exposition:
+    """The exposition now (metric id -> values), and its changes since it was last taken."""
+
+    def __init__(self) -> None:
+        self.now: dict[int, Values] = {}
+        self.changes = Changes()
+
+    def set(self, metric_id: int, values: Values) -> None:
+        if self.now.get(metric_id) is not values:
+            self.now[metric_id] = values
+            self.changes.values[metric_id] = values
+            self.changes.gone.discard(metric_id)
+
+    def remove(self, metric_id: int) -> None:
+        if self.now.pop(metric_id, None) is not None:
+            self.changes.values.pop(metric_id, None)
+            self.changes.gone.add(metric_id)
+
+    def take(self) -> Changes:
+        changes, self.changes = self.changes, Changes()
+        return changes
 
 
 class Frames:
@@ -117,7 +152,9 @@ class Chunk:
 
     def __init__(self, frames: Frames) -> None:
         self.frames = frames
-        self.timeline: list[tuple[Frame, array]] = []  # each frame, and its moments
+        self.moments = array("q")
+        # By metric: its runs, each (first moment index, values; None: absent from then).
+        self.runs: dict[int, list[tuple[int, Values | None]]] = {}
         self.points = 0
         self.first_s: int | None = None
         self.last_s: int | None = None
@@ -125,45 +162,37 @@ class Chunk:
     def __len__(self) -> int:
         return self.points
 
-    def add(self, ts_s: int, frame: Frame) -> None:
-        """The frame's samples at `ts_s`, later than every moment added before."""
+    def add(self, ts_s: int, changes: Changes, exposition: Exposition) -> None:
+        """The exposition at `ts_s` (later than every moment added before), given what
+        changed since the moment before; the chunk's first moment takes it whole."""
         if self.last_s is not None and ts_s <= self.last_s:
             raise ValueError(f"samples at {ts_s} after samples at {self.last_s}: "
                              "moments must be added in time order")
         if not 0 <= ts_s < _TIMESTAMP_LIMIT_S:
             raise ValueError(f"timestamp {ts_s} out of range")
+        index = len(self.moments)
+        self.moments.append(ts_s)
         self.first_s = ts_s if self.first_s is None else self.first_s
         self.last_s = ts_s
-        if self.timeline and self.timeline[-1][0] is frame:
-            self.timeline[-1][1].append(ts_s)
+        runs = self.runs
+        if not index:
+            for metric_id, values in exposition.now.items():
+                runs[metric_id] = [(0, values)]
         else:
-            self.timeline.append((frame, array("q", (ts_s,))))
-        self.points += len(frame.metrics)
-
-    def _runs(self) -> dict[int, list[tuple[Values, array]]]:
-        """By metric: its runs of equal values, each with its moments, in time order."""
-        runs: dict[int, list[tuple[Values, array]]] = {}
-        for frame, times in self.timeline:
-            for metric_id, values in frame.metrics:
-                mine = runs.get(metric_id)
-                if mine is None:
-                    runs[metric_id] = [(values, array("q", times))]
-                elif mine[-1][0] is values or mine[-1][0] == values:
-                    mine[-1][1].extend(times)
-                else:
-                    mine.append((values, array("q", times)))
-        return runs
+            for metric_id, values in changes.values.items():
+                runs.setdefault(metric_id, []).append((index, values))
+            for metric_id in changes.gone:
+                if metric_id in runs:
+                    runs[metric_id].append((index, None))
+        self.points += len(exposition.now)
 
     def render(self) -> Iterator[str]:
         """The OpenMetrics document, in pieces: each family once, each metric's points in
         time order."""
-        frames, runs = self.frames, self._runs()
-        stamps: dict[int, str] = {}
-        for _, times in self.timeline:
-            for ts_s in times:
-                stamps[ts_s] = f" {ts_s}\n"
+        frames, moments = self.frames, self.moments
+        stamps = [f" {ts_s}\n" for ts_s in moments]
         by_family: dict[str, list[int]] = {}
-        for metric_id in sorted(runs):
+        for metric_id in sorted(self.runs):
             by_family.setdefault(frames.family[metric_id], []).append(metric_id)
         for name, header in frames.headers.items():
             ids = by_family.get(name)
@@ -175,10 +204,15 @@ class Chunk:
             yield f"# HELP {name} {escape_label_value(header.help)}\n"
             for metric_id in ids:
                 prefixes = frames.prefixes[metric_id]
-                for values, times in runs[metric_id]:
+                runs = self.runs[metric_id]
+                for number, (first, values) in enumerate(runs):
+                    if values is None:
+                        continue
+                    last = runs[number + 1][0] if number + 1 < len(runs) else len(moments)
                     heads = [prefix + floatToGoString(value)
                              for prefix, value in zip(prefixes, values, strict=True)]
-                    yield "".join([head + stamps[ts_s] for ts_s in times for head in heads])
+                    yield "".join([head + stamp for stamp in stamps[first:last]
+                                   for head in heads])
         yield "# EOF\n"
 
     def write(self, path: Path) -> int:

@@ -11,7 +11,7 @@ small families (pipeline counters, window gauges) are collected whole.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from itertools import islice
 from typing import Any, NamedTuple
 
@@ -25,7 +25,7 @@ from streams.metrics.exporter import (
     LabelBounds,
     le_label,
 )
-from streams.metrics.openmetrics import Frame, Frames, Header
+from streams.metrics.openmetrics import Changes, Exposition, Frames, Header, Values
 
 SeriesKey = tuple[str, tuple[str, ...], kpis.Dims]  # an aggregate's (figure, labels, dims)
 Target = tuple[str, tuple[str, ...]]  # an exported metric: (family name, label values)
@@ -51,12 +51,17 @@ class GroupTimeline:
         self.target: dict[SeriesKey, Target] = {}
         self.members: dict[Target, list[SeriesKey]] = {}  # in the aggregate's order
         self.ids: dict[Target, int] = {}
-        self.current: dict[int, tuple[float, ...]] = {}  # the KPI metrics' values by id
+        self.exposition = Exposition()  # every metric's values now, and what changed
+        self.small: set[int] = set()  # ids of the small families' metrics now
+        self.windows_key: tuple[Any, ...] = ()
+        self.windows_metrics: list[tuple[int, Values]] = []
 
-    def frame(self, figures: GroupFigures, moved: Iterable[SeriesKey] | None = None) -> Frame:
-        """The exposition of `figures`: those of the last call plus what changed since
-        (the aggregate only grows: series are added and their counters go up). `moved`
-        names the series that changed, if the caller knows; else every one is checked."""
+    def update(self, figures: GroupFigures, moved: Iterable[SeriesKey] | None = None
+               ) -> Changes:
+        """The exposition of `figures` (in `exposition`), and what changed since the last
+        call (the aggregate only grows: series are added and their counters go up).
+        `moved` names the series that changed, if the caller knows; else every one is
+        checked."""
         collector = GroupCollector(figures, self.bounds, self.drops)
         if not self.known:
             self._headers(collector)
@@ -72,19 +77,35 @@ class GroupTimeline:
             self.counts.update((key, total.series[key][0]) for key in moved)
         for target in {targets[key] for key in moved if key in targets}:
             self._recompute(target, figures)
-        rest = self.frames.of(self._small_families(collector))
-        return Frame((*self.current.items(), *rest.metrics))
+        small = self._small_metrics(collector)
+        exposition = self.exposition
+        for metric_id, values in small:
+            exposition.set(metric_id, values)
+        now = {metric_id for metric_id, _ in small}
+        for metric_id in self.small - now:
+            exposition.remove(metric_id)
+        self.small = now
+        return exposition.take()
 
     def _headers(self, collector: GroupCollector) -> None:
         """Every family's header, in the collector's order (the chunks follow it)."""
         for family in collector.collect():
             self.frames.header(family.name, family.type, family.documentation, family.unit)
 
-    @staticmethod
-    def _small_families(collector: GroupCollector) -> Iterator[Any]:
-        yield from collector.pipeline(collector.figures.total)
-        yield from collector.windows()
-        yield collector.reporting()
+    def _small_metrics(self, collector: GroupCollector) -> list[tuple[int, Values]]:
+        """The pipeline counters and the partitions gauge, and the window gauges again
+        only if the group's latest closed windows (or the admitted labels) changed: a
+        closed window never changes, so the same windows show the same figures."""
+        figures = collector.figures
+        windows_key = (tuple((size, window.start) for size, window in
+                             sorted(figures.windows.items())),
+                       figures.partitions,
+                       tuple(len(values) for values in self.bounds.admitted.values()))
+        if windows_key != self.windows_key:
+            self.windows_key = windows_key
+            self.windows_metrics = list(self.frames.of(collector.windows()).metrics)
+        rest = self.frames.of([*collector.pipeline(figures.total), collector.reporting()])
+        return [*rest.metrics, *self.windows_metrics]
 
     def _place(self, collector: GroupCollector, key: SeriesKey) -> None:
         """A new aggregate series: the exported metric it adds to (and, for a counter with
@@ -125,7 +146,7 @@ class GroupTimeline:
             zero = (0.0,)
         metric_id = self.ids[target] = self.frames.metric_id(header, tuple(labels.items()),
                                                              samples)
-        self.current[metric_id] = zero
+        self.exposition.set(metric_id, zero)
         return members
 
     def _recompute(self, target: Target, figures: GroupFigures) -> None:
@@ -152,7 +173,7 @@ class GroupTimeline:
                 value = value + (amount if metric.use_sum else count)
             values = (value,)
         metric_id = self.ids[target]
-        self.current[metric_id] = self.frames.shared(metric_id, values)
+        self.exposition.set(metric_id, self.frames.shared(metric_id, values))
 
 
 __all__ = ["GroupTimeline", "Header"]

@@ -29,7 +29,7 @@ from typing import IO, Any
 from streams.config import Settings
 from streams.core.events import Event
 from streams.core.units import SECOND_US
-from streams.metrics.openmetrics import Chunk, Frame
+from streams.metrics.openmetrics import Changes, Chunk
 from streams.tools.history import History
 from streams.tools.replay import write_report
 
@@ -198,7 +198,7 @@ class Backfill:
         self.chunk_index: int | None = None
         self.partial = options.out / f".partial-{int(time.time() * 1000)}"
         self.result = Result()
-        self._frame = Frame(())
+        self._changes = Changes()
         self._stale = True  # figures changed since the families were made
 
     def run(self, lines: Iterator[bytes], on_line: Callable[[int], None] = lambda n: None
@@ -249,9 +249,11 @@ class Backfill:
             self._close_chunk()
         self.chunk_index = index
         if self._stale:
-            self._frame = self.history.frame()
+            self._changes = self.history.update()
             self._stale = False
-        self.chunk.add(ts_s, self._frame)
+        else:
+            self._changes = Changes()  # the same figures as the moment before
+        self.chunk.add(ts_s, self._changes, self.history.exposition)
         result = self.result
         result.first_s = ts_s if result.first_s is None else result.first_s
         result.last_s = ts_s
@@ -262,7 +264,10 @@ class Backfill:
         assert self.chunk.first_s is not None
         start = datetime.fromtimestamp(self.chunk.first_s, UTC).strftime("%Y-%m-%dT%H%M%SZ")
         path = self.partial / f"{CHUNK_PREFIX}{start}.om"
-        self.result.bytes_written += self.chunk.write(path)
+        try:
+            self.result.bytes_written += self.chunk.write(path)
+        except OSError as err:
+            raise BackfillError(f"cannot write {path}: {err.strerror or err}") from None
         self.result.samples += len(self.chunk)
         self.chunk = Chunk(self.frames)
         if self.blocks is not None:
@@ -282,19 +287,19 @@ class Backfill:
         self._close_chunk()
         self.result.invalid = self.history.invalid
         self.result.report = self.history.report()
-        final = []
-        for path in self.result.chunks:
-            target = self.options.out / path.name
-            path.replace(target)
-            final.append(target)
-        self.partial.rmdir()
-        self.result.chunks = final
         if self.blocks is not None:
             if self.result.first_s is None or self.result.last_s is None:
                 self.blocks.abandon()  # no sample: no block
             else:
                 self.result.raw_blocks, self.result.rule_blocks = self.blocks.finish(
                     self.result.first_s, self.result.last_s + self.step_s)
+        final = []  # only now, with everything else done, the chunks appear in OUT
+        for path in self.result.chunks:
+            target = self.options.out / path.name
+            path.replace(target)
+            final.append(target)
+        self.partial.rmdir()
+        self.result.chunks = final
 
 
 class Blocks:
@@ -306,11 +311,13 @@ class Blocks:
         from streams.tools import tsdb
 
         self.tsdb, self.rules, self.step_s = tsdb, rules, step_s
-        try:  # a missing tool fails now, not after hours of work
+        try:  # a missing tool or a bad rule fails now, not after hours of work
             self.promtool = tsdb.find_tool("promtool", tsdb.PROMTOOL_ENV)
             self.prometheus = tsdb.find_tool("prometheus", tsdb.PROMETHEUS_ENV)
+            if rules:
+                tsdb.check_rule_files(rules, self.promtool)
         except tsdb.TsdbError as err:
-            raise BackfillError(str(err)) from None
+            raise BadInput(str(err)) from None
         self.out = tsdb_dir
         tsdb_dir.mkdir(parents=True, exist_ok=True)
         # A hidden name Prometheus never loads as a block.
@@ -437,11 +444,11 @@ def backfill_with_progress(settings: Settings, options: Options, quiet: bool = F
         TimeRemainingColumn,
     )
 
+    blocks = Blocks(options.tsdb, options.rules, options.step_s) if options.tsdb else None
     options.out.mkdir(parents=True, exist_ok=True)
     total = None if any(s.size is None for s in options.sources) else \
         sum(s.size or 0 for s in options.sources)
     reading = Reading(total)
-    blocks = Blocks(options.tsdb, options.rules, options.step_s) if options.tsdb else None
     backfill = Backfill(settings, options, blocks=blocks)
     started = time.monotonic()
     with Progress(TextColumn("backfill"), BarColumn(), DownloadColumn(),

@@ -27,7 +27,7 @@ from streams.core.windows import Cell, PartitionWindows, WindowKey, WindowRules,
 from streams.kafka.partitioners import MURMUR2, REPARTITION, CaseRouting
 from streams.metrics.exporter import GroupCollector, GroupFigures, LabelBounds
 from streams.metrics.group import RECENT_WINDOWS, GroupState, Snapshot, series_label_values
-from streams.metrics.openmetrics import Frame, Frames
+from streams.metrics.openmetrics import Changes, Exposition, Frames
 from streams.metrics.timeline import GroupTimeline
 from streams.tools.core_bench import worker_ledger
 from streams.worker.batches import parse_or_invalid
@@ -192,11 +192,15 @@ class History:
         """The `/metrics/group` metric families of the figures now."""
         yield from GroupCollector(self.figures(), self.labels, self.drops).collect()
 
-    def frame(self) -> Frame:
-        """The `/metrics/group` exposition now, as a frame of `self.frames` (only what
-        changed since the last one is computed again)."""
+    def update(self) -> Changes:
+        """The `/metrics/group` exposition now (in `self.exposition`), and what changed in
+        it since the last update (only that is computed again)."""
         moved, self.moved = self.moved, set()
-        return self.timeline.frame(self.figures(), moved)
+        return self.timeline.update(self.figures(), moved)
+
+    @property
+    def exposition(self) -> Exposition:
+        return self.timeline.exposition
 
     def report(self) -> dict[str, Any]:
         """The replay report of everything applied (`replay` sums the same figures)."""

@@ -126,7 +126,7 @@ def backfill_rules(rule_files: Sequence[Path], blocks_dir: Path, start_s: int, e
     if end_s <= start_s:
         raise TsdbError(f"rule backfill range is empty: --end {end_s} is not after "
                         f"--start {start_s}")
-    _check_rule_files(rule_files, promtool)
+    check_rule_files(rule_files, promtool)
     raw = sorted(_blocks(blocks_dir))
     if not raw:
         raise TsdbError(f"no TSDB blocks in {blocks_dir} to evaluate the rules on: create "
@@ -178,7 +178,7 @@ def handover_text(tsdb_dir: Path, start_s: int, end_s: int, *,
         "allowed by default since 2.39: --storage.tsdb.allow-overlapping-blocks is not "
         "needed (and has no effect); before 2.39 it must be set if they overlap its own.",
         "Backfill only time Prometheus did not scrape live for these series: the samples of "
-        "both would merge into the same series and sums and rates would count them twice. "
+        "both would count the same events, and sums and rates over them would count them twice. "
         f"Never backfill the newest {hours} hours: they belong to the head block the live "
         "server is still writing.",
     ]
@@ -316,7 +316,7 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _check_rule_files(rule_files: Sequence[Path], promtool: str) -> None:
+def check_rule_files(rule_files: Sequence[Path], promtool: str) -> None:
     """Refuse what promtool would backfill wrong, then let `promtool check rules` judge
     the syntax, before a Prometheus is started. The files are scanned as text (pyyaml is
     no runtime dependency): Prometheus rule files are block-style YAML."""
