@@ -28,10 +28,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from streams.config import Settings
 from streams.tools.backfill import Backfill, Options, Reading, Source, read_lines
+from streams.tools.core_bench import decode_all
 from streams.tools.simulate import SCENARIOS, Simulation
 
 EVENTS = 500_000  # `acsr-metrics bench --backfill-events` default
@@ -71,14 +70,7 @@ def decode_archive(archive: Path) -> int:
     """A bare JSON consumer of the archive: its lines read as the backfill reads them,
     each decoded by orjson; the number that decoded."""
     source = Source.of(str(archive))
-    decoded = 0
-    for line in read_lines([source], Reading(source.size)):
-        try:
-            orjson.loads(line)
-            decoded += 1
-        except orjson.JSONDecodeError:
-            pass
-    return decoded
+    return decode_all(read_lines([source], Reading(source.size)))
 
 
 def backfill_archive(settings: Settings, archive: Path, out: Path,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -54,7 +54,7 @@ def run_core(lines: Sequence[bytes], settings: Settings) -> Ledger:
     return ledger
 
 
-def decode_all(lines: Sequence[bytes]) -> int:
+def decode_all(lines: Iterable[bytes]) -> int:
     """orjson's decode of every line: the floor any JSON consumer pays (the raw ceiling's)."""
     decoded = 0
     for line in lines:

@@ -14,7 +14,6 @@ changes no figure.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -25,7 +24,7 @@ from streams.core.kpis import Aggregate, build_report
 from streams.core.ledger import BatchPlan, Ledger
 from streams.core.windows import Cell, PartitionWindows, WindowKey, WindowRules, aggregate_rows
 from streams.kafka.partitioners import MURMUR2, REPARTITION, CaseRouting
-from streams.metrics.exporter import GroupCollector, GroupFigures, LabelBounds
+from streams.metrics.exporter import GroupFigures, LabelBounds
 from streams.metrics.group import RECENT_WINDOWS, GroupState, Snapshot, series_label_values
 from streams.metrics.openmetrics import Changes, Exposition, Frames
 from streams.metrics.timeline import GroupTimeline
@@ -83,9 +82,7 @@ class History:
         # add to them (ledger._account).
         self.moved: set[tuple[str, tuple[str, ...], tuple[str, ...]]] = set()
         self.series_seen = 0  # aggregate series whose label values were admitted
-        self.messages = 0
         self.invalid = 0
-        self.time_us: int | None = None  # the latest event time of any valid event
 
     # --- taking messages -----------------------------------------------------------------
 
@@ -106,11 +103,7 @@ class History:
         log = self.logs[partition]
         log.waiting.append((log.next_offset, parsed))
         log.next_offset += 1
-        self.messages += 1
-        if isinstance(parsed, Event):
-            if self.time_us is None or parsed.ts_us > self.time_us:
-                self.time_us = parsed.ts_us
-        else:
+        if isinstance(parsed, InvalidEvent):
             self.invalid += 1
         if len(log.waiting) >= BATCH_MAX:
             self._apply(log)
@@ -187,10 +180,6 @@ class History:
         recent = log.windows.recent_closed(self.ledger.watermarks.get(partition),
                                            RECENT_WINDOWS)
         return Snapshot.of(partition, log.next_offset, NO_FIGURES, recent)
-
-    def families(self) -> Iterator[Any]:
-        """The `/metrics/group` metric families of the figures now."""
-        yield from GroupCollector(self.figures(), self.labels, self.drops).collect()
 
     def update(self) -> Changes:
         """The `/metrics/group` exposition now (in `self.exposition`), and what changed in

@@ -37,7 +37,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import tempfile
 import textwrap
@@ -48,6 +47,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from streams.kafka.broker import free_port
 
 PROMTOOL_ENV = "PROMTOOL"
 PROMETHEUS_ENV = "PROMETHEUS"
@@ -367,7 +368,7 @@ def _serving(prometheus: str, storage: Path, workdir: Path, ready_timeout_s: flo
     log_path = workdir / "prometheus.log"
     failure = f"Prometheus ({prometheus}) serving the blocks for the rule backfill"
     for _attempt in range(3):  # a free port can be taken before Prometheus binds it
-        url = f"http://127.0.0.1:{_free_port()}"
+        url = f"http://127.0.0.1:{free_port()}"
         with log_path.open("wb") as log:
             try:
                 process = subprocess.Popen(
@@ -417,8 +418,3 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.kill()
             process.wait()
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
