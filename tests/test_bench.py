@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import subprocess
@@ -351,9 +352,12 @@ def test_no_backfill_skips_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench, "measure_backfill", measured)
     monkeypatch.setattr(bench, "EmbeddedBroker", broker)
     parse = build_parser().parse_args
+    client_level = logging.getLogger("aiokafka").level
     with pytest.raises(KeyboardInterrupt):
         bench.run_bench_command(parse(["bench", "--backfill-events", "3000"]), Settings())
     assert calls == [3000]
     with pytest.raises(BrokerStarted):
         bench.run_bench_command(parse(["bench", "--no-backfill"]), Settings())
     assert calls == [3000]
+    # The client's logger is quietened for the run only: a caller's logging is its own.
+    assert logging.getLogger("aiokafka").level == client_level

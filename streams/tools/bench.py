@@ -248,10 +248,14 @@ def run_bench_command(args: argparse.Namespace, base: Settings) -> int:
     # A SIGTERM (e.g. `timeout make bench`) stops the workers and the broker like Ctrl-C:
     # they run in sessions of their own, so nothing else would.
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    client_log = logging.getLogger("aiokafka")
+    level = client_log.level
+    client_log.setLevel(logging.ERROR)  # retries would drown progress
     try:
         return _run_bench_command(options, settings, base)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        client_log.setLevel(level)  # as it was: the caller's logging is the caller's
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -259,7 +263,6 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def _run_bench_command(options: BenchOptions, settings: Settings, base: Settings) -> int:
-    logging.getLogger("aiokafka").setLevel(logging.ERROR)  # retries would drown progress
     say = _stderr_say
     # First, with no broker yet to share the machine: the backfill needs none, and runs
     # with the settings `acsr-metrics backfill` would have (its partitions, not --partitions).
