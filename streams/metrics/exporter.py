@@ -36,6 +36,7 @@ from streams.core.kpis import HISTOGRAM_BUCKETS, OUTCOMES, Aggregate
 from streams.core.metric_labels import BOUNDED, DIMENSIONS, FIGURE_LABELS, METRICS, KpiMetric
 from streams.core.windows import GAUGES, gauge_values, size_label
 from streams.metrics.group import GroupWindow
+from streams.metrics.openmetrics import escape_label_value
 
 disable_created_metrics()  # *_created samples say nothing here and double the exposition
 
@@ -370,14 +371,10 @@ def merge_expositions(texts: Iterable[str]) -> str:
         lines.append(f"# HELP {name} {helps[name]}")
         lines.append(f"# TYPE {name} {types[name]}")
         for (sample_name, labels), value in merged.items():
-            rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+            rendered = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in labels)
             lines.append(f"{sample_name}{{{rendered}}} {_number(value)}" if rendered
                          else f"{sample_name} {_number(value)}")
     return "\n".join(lines) + "\n"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
 def _number(value: float) -> str:
