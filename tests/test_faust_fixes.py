@@ -223,6 +223,19 @@ async def test_a_batch_leaves_out_events_fetched_before_the_last_rebalance() -> 
     assert consumer.sought == [(A, 10)]  # nothing looked out of order
 
 
+async def test_while_the_group_rebalances_a_batch_processes_nothing() -> None:
+    """Revoked, not yet recovered (generation None): a record the fetcher handed over
+    after the revocation emptied the queues is left uncommitted, never processed on a
+    partition that has nothing due (it would write its case from nothing)."""
+    consumer = patched([])
+    deliveries = keep_seeks_over_stale_reads(consumer)
+    await consumer.seek(A, 10)
+    await consumer.on_partitions_revoked({A})
+    late = [Message(A, 12, 1), Message(B, 3, 1)]
+    assert await deliveries.by_partition(late, None) == {}
+    assert all(m.acked for m in late)  # kept uncommitted: fetched again after recovery
+
+
 async def test_a_revoked_partition_has_nothing_due() -> None:
     consumer = patched([])
     deliveries = keep_seeks_over_stale_reads(consumer)

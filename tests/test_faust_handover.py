@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
@@ -197,6 +198,29 @@ async def test_a_rebalance_drops_pending_records_unacknowledged() -> None:
     assert [r.offset for r in batch] == [7]
 
 
+@pytest.mark.parametrize("ending", ["acknowledged", "left uncommitted"])
+async def test_a_revocation_waits_for_the_batch_in_the_agents_hands(ending: str) -> None:
+    """Faust's `wait_empty`, run at every revocation before the partitions go, returns only
+    once the batch the agent took is acknowledged (or left uncommitted by a stop): the
+    batch never writes for a partition another worker already owns."""
+    from streams.faust_patches.fixes import keep_uncommitted
+
+    app, handover = _app_with_handover()
+    assert app.conf.stream_wait_empty  # Faust's default, which this relies on
+    for offset in range(2):
+        await handover.add(_record(offset))
+    batch = await asyncio.wait_for(anext(handover.batches()), 1)
+    revoking = asyncio.ensure_future(app.consumer.wait_empty())
+    await asyncio.sleep(0.3)
+    assert not revoking.done()  # the agent still holds the batch
+    if ending == "acknowledged":
+        handover.acknowledge(batch)
+    else:
+        keep_uncommitted(batch)
+    await asyncio.wait_for(revoking, 3)
+    assert not app.consumer._unacked_messages
+
+
 def test_installing_the_batch_hand_over_twice_changes_nothing() -> None:
     from streams.faust_patches.handover import BatchHandOver, hand_over_in_batches
 
@@ -204,3 +228,42 @@ def test_installing_the_batch_hand_over_twice_changes_nothing() -> None:
     patched = app.topics._build_handler
     hand_over_in_batches(app, [BatchHandOver(CASES, 5, 0.1)])
     assert app.topics._build_handler is patched
+
+
+async def test_a_batch_taken_while_the_group_rebalances_is_left_for_the_next_owner() -> None:
+    """Between a revocation and the end of the recovery the generation has not changed,
+    but the partitions are no longer the worker's: a record the fetcher handed over then
+    is kept uncommitted, never processed (processed, it wrote its case from nothing and
+    the case's earlier records, due again, were taken for redeliveries)."""
+    from faust.types import Message
+
+    from streams.config import Settings
+    from streams.worker.app import Worker, batch_handovers, faust_app, install_patches
+
+    settings = Settings()
+    app = faust_app(settings)
+    handovers = batch_handovers(settings)
+    worker = Worker(app, settings, install_patches(app, settings, handovers), handovers)
+    app.tables.recovery.completed.set()
+    handled: list[int] = []
+
+    async def handle(partition: int, messages: list[Any]) -> None:
+        handled.extend(message.offset for message in messages)
+
+    loop = asyncio.ensure_future(worker.in_batches(settings.cases_topic, handle))
+    try:
+        for rebalancing, offset in ((True, 5), (False, 6)):
+            app.rebalancing = rebalancing
+            record = Message(settings.cases_topic, 0, offset, 0.0, 0, [], b"c", b"{}", None,
+                             generation_id=app.consumer_generation_id)
+            await handovers[settings.cases_topic].add(record)
+            for _ in range(100):
+                if record.acked:
+                    break
+                await asyncio.sleep(0.02)
+            assert record.acked  # kept uncommitted (5) or acknowledged once processed (6)
+        assert handled == [6]
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop

@@ -191,7 +191,7 @@ class Deliveries:
             await self._refetch(tp, due, f"record {offset} arrived first")
         return False
 
-    async def by_partition(self, messages: Iterable[Any], generation: int
+    async def by_partition(self, messages: Iterable[Any], generation: int | None
                            ) -> dict[int, list[Any]]:
         """A batch's records that may be processed, grouped by partition, each in order.
 
@@ -199,11 +199,18 @@ class Deliveries:
         out and uncommitted. A batch can hold them across a rebalance, which Faust's own
         check (one event at a time) never lets through; processed, they would write to a
         table while its recovery reads the changelog, and recovery would overwrite them.
-        The partition's owner fetches them again once its tables are recovered."""
+        The partition's owner fetches them again once its tables are recovered.
+
+        While the group rebalances (`generation` None: from the revocation until the
+        tables are recovered) every record is left out: the generation has not changed
+        yet, but the partitions are no longer this worker's. A record the fetcher
+        handed over just after the revocation emptied the queues, processed then, wrote
+        its case from nothing, and the next owner took the case's earlier records, due
+        again, for redeliveries."""
         grouped: dict[int, list[Any]] = {}
         stale = []
         for message in messages:
-            if message.generation_id != generation:
+            if message.generation_id != generation:  # None: never equal
                 stale.append(message)
             elif await self.in_order(message):
                 grouped.setdefault(message.partition, []).append(message)

@@ -28,7 +28,10 @@ once processed (`acknowledge`). Records fetched while a batch is processed wait 
 list, so the next batch is ready when the last one is done. Faust's flow control holds
 as for its streams: no record is added while the flow is stopped, the list is emptied
 when Faust empties its queues at a rebalance (those records stay unacknowledged and are
-fetched again), and a full list makes the fetcher wait.
+fetched again), and a full list makes the fetcher wait. A batch the agent has taken is
+pending for Faust as its streams' events are (`Consumer._unacked_messages`), so a
+revocation waits for it (`Consumer.wait_empty`) before the partitions go: no batch writes
+to a table or topic of a partition another worker already owns.
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ class BatchHandOver:
         self.arrived, self.full, self.room = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self.room.set()
         self.ack: Any = None  # the consumer's, once installed
+        self.in_hand: Any = lambda batch: None  # the consumer's pending set, once installed
 
     async def add(self, message: Any) -> None:
         while len(self.pending) >= self.max_records:  # the fetcher waits for the agent
@@ -137,6 +141,7 @@ class BatchHandOver:
                     await asyncio.wait_for(self.full.wait(), left)
             batch = self.take()
             if batch:
+                self.in_hand(batch)  # before the agent sees it: a revocation waits for it
                 yield batch
 
     def acknowledge(self, messages: Iterable[Any]) -> None:
@@ -172,8 +177,15 @@ def hand_over_in_batches(app: Any, handovers: Iterable[BatchHandOver]) -> None:
         for handover in by_topic.values():
             handover.take()
 
+    consumer = app.consumer
+
+    def in_hand(batch: list[Any]) -> None:
+        # What Faust's conductor does for its streams (`track_message`), minus the
+        # sensors: `wait_empty` waits until every one is acknowledged.
+        consumer._unacked_messages.update(batch)
+
     for handover in by_topic.values():
-        handover.ack = app.consumer.ack
+        handover.ack, handover.in_hand = consumer.ack, in_hand
     build_handler.batches = by_topic  # type: ignore[attr-defined]
     conductor._build_handler = build_handler
     flow.clear = clear_queues

@@ -210,7 +210,7 @@ class Worker:
         async for messages in handover.batches():
             try:
                 by_partition = await self.deliveries.by_partition(
-                    messages, self.app.consumer_generation_id)
+                    messages, self.current_generation())
                 with self.deliveries.processing():
                     # Partitions at once: each waits for the broker, none for the others.
                     await asyncio.gather(*(handle(partition, in_partition)
@@ -246,6 +246,11 @@ class Worker:
 
     def recovering(self) -> bool:
         return tables_recovering(self.app)
+
+    def current_generation(self) -> int | None:
+        """The consumer's generation, None while the group rebalances (no record may be
+        processed then: Deliveries.by_partition)."""
+        return None if self.recovering() else self.app.consumer_generation_id
 
     def build_owned(self) -> None:
         """Derive owned partitions' state from the recovered tables: at every recovery,
@@ -339,7 +344,9 @@ def add_agents(app: faust.App, worker: Worker) -> None:
     @app.agent(topics.links)
     async def apply_links(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            if await deliveries.in_order(event.message):
+            if worker.recovering():  # revoked, not yet recovered: fetched again later
+                keep_uncommitted([event.message])
+            elif await deliveries.in_order(event.message):
                 await worker.processor.apply_link(event.message)
                 worker.group.changed(event.message.partition)
 
