@@ -216,7 +216,7 @@ class Deliveries:
                 grouped.setdefault(message.partition, []).append(message)
         if stale:
             keep_uncommitted(stale)
-            log.info("%d events fetched before the last rebalance left to be fetched again",
+            log.info("%d records fetched before or during a rebalance left to be fetched again",
                      len(stale))
         return grouped
 
