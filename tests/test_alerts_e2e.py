@@ -32,7 +32,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from streams.kafka.broker import free_port
+from streams.kafka.broker import free_port, stop_process
 from streams.tools.replay import Cluster, create_topics, isolated, produce, wait_processed
 
 from .conftest import BrokerInfo
@@ -83,12 +83,7 @@ def _process(args: list[str], url: str, log_path: Path) -> Iterator[str]:
         _wait_ready(url, process, log_path)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s=10)
         log.close()
 
 

@@ -67,6 +67,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Stop a child process as an operator would: SIGTERM, up to `timeout_s` to finish
+    what it writes, then SIGKILL (the broker, a worker, a throwaway Prometheus)."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class EmbeddedBroker:
     """A Tansu broker on a free loopback port, in memory, stopped on exit."""
 
@@ -113,13 +126,8 @@ class EmbeddedBroker:
         raise BrokerUnavailable(f"embedded broker did not listen within {self.startup_timeout_s}s")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout_s=5)
         self.process = None
         self._log.close()
 

@@ -31,7 +31,13 @@ from aiokafka.errors import KafkaError
 from streams.config import Settings
 from streams.core.events import message_key
 from streams.core.kpis import Aggregate, build_report
-from streams.kafka.broker import ONE_RECORD_BATCH_BYTES, EmbeddedBroker, ensure_topics, free_port
+from streams.kafka.broker import (
+    ONE_RECORD_BATCH_BYTES,
+    EmbeddedBroker,
+    ensure_topics,
+    free_port,
+    stop_process,
+)
 from streams.kafka.partitioners import MURMUR2, ClientPartitioner
 from streams.kafka.reader import high_watermarks, reader
 from streams.kafka.security import kafka_client_kwargs
@@ -98,14 +104,8 @@ class WorkerProcess:
             self.process.send_signal(signum)
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        if self.process is None:
-            return
-        self.signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout_s)
 
     def memory_kb(self) -> dict[str, int]:
         """Its memory lines of /proc/<pid>/status (VmRSS, VmHWM, ...); empty once gone."""

@@ -48,7 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from streams.kafka.broker import free_port
+from streams.kafka.broker import free_port, stop_process
 
 PROMTOOL_ENV = "PROMTOOL"
 PROMETHEUS_ENV = "PROMETHEUS"
@@ -385,7 +385,7 @@ def _serving(prometheus: str, storage: Path, workdir: Path, ready_timeout_s: flo
                 return
             exited = process.poll()
         finally:
-            _stop(process)
+            stop_process(process, timeout_s=20)
         log_tail = _tail(log_path.read_text(errors="replace"))
         if "address already in use" not in log_tail:
             break
@@ -408,13 +408,4 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) ->
         time.sleep(0.2)
     return False
 
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
