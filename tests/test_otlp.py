@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 
+import orjson
 import pytest
 from google.protobuf import json_format
 from hypothesis import given, settings
@@ -21,6 +22,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode
 
+from streams.core.events import parse_event
+from streams.core.otel import SpanMapping
 from streams.kafka.otlp import JSON, PROTO, OtlpError, decode_spans
 
 IDS = ("traceId", "spanId", "parentSpanId")
@@ -113,3 +116,63 @@ def test_any_bytes_decode_or_are_refused_never_crash(raw: bytes) -> None:
     for encoding in (PROTO, JSON):
         with contextlib.suppress(OtlpError):
             decode_spans(raw, encoding)
+
+
+# --- the mapping (streams/core/otel.py) --------------------------------------------------
+
+
+def mapped(spans: list) -> tuple[list[dict], list[str]]:
+    events, unmapped = [], []
+    for span in decode_spans(as_proto(spans), PROTO):
+        found, reason = SpanMapping().events(span)
+        events += found
+        if reason:
+            unmapped.append(reason)
+    return events, unmapped
+
+
+def test_an_agent_turn_is_one_reply_one_tool_call_and_one_score() -> None:
+    events, unmapped = mapped(agent_turn())
+    assert unmapped == []
+    assert sorted(event["type"] for event in events) == [
+        "action_executed", "evaluation_scored", "response_sent"]
+    parsed = {event["type"]: parse_event(orjson.dumps(event)) for event in events}
+    assert {p.case_id for p in parsed.values()} == {"case-1"}
+    reply = next(e for e in events if e["type"] == "response_sent")
+    assert reply["tokens_in"] == 120 and reply["latency_ms"] >= 0
+    tool = next(e for e in events if e["type"] == "action_executed")
+    assert tool["action"] == "refund" and tool["success"] is False
+    score = next(e for e in events if e["type"] == "evaluation_scored")
+    assert (score["name"], score["score"]) == ("relevance", 0.8)
+    assert "gen_ai.input.messages" not in str(events)
+
+
+def test_a_batch_delivered_twice_gives_the_same_event_ids() -> None:
+    spans = agent_turn()
+    assert [e["event_id"] for e in mapped(spans)[0]] == [e["event_id"] for e in mapped(spans)[0]]
+
+
+def test_a_span_without_a_case_is_unmapped_never_guessed() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("t").start_as_current_span("chat gpt"):
+        pass
+    events, unmapped = mapped(list(exporter.get_finished_spans()))
+    assert (events, unmapped) == ([], ["no_case"])
+
+
+def test_a_root_chat_span_is_a_reply_and_support_events_come_from_span_events() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("t").start_as_current_span("chat gpt") as chat:
+        chat.set_attribute("acsr.case_id", "case-9")
+        chat.add_event("intent_classified", {"acsr.intent": "refund", "acsr.confidence": 0.9})
+        chat.add_event("case_resolved", {"acsr.by": "agent"})
+    events, _ = mapped(list(exporter.get_finished_spans()))
+    assert [e["type"] for e in events] == ["response_sent", "intent_classified",
+                                           "case_resolved"]
+    for event in events:
+        parse_event(orjson.dumps(event))  # each one valid per the contract
+    assert events[1]["intent"] == "refund"

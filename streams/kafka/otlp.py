@@ -12,7 +12,6 @@ is decided elsewhere (the mapping); this module only reads the wire format.
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -22,13 +21,13 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from streams.core.otel import LogRecord, Span, SpanEvent
 
 PROTO = "otlp_proto"
 JSON = "otlp_json"
 ENCODINGS = (PROTO, JSON)
-STATUS_ERROR = 2  # Status.StatusCode.STATUS_CODE_ERROR
-
 Attributes = dict[str, Any]
 
 
@@ -38,44 +37,6 @@ class OtlpError(ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class SpanEvent:
-    name: str
-    time_ns: int
-    attributes: Attributes = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Span:
-    """One span with its resource's attributes (the case id may sit on either)."""
-
-    trace_id: str
-    span_id: str
-    parent_span_id: str
-    name: str
-    start_ns: int
-    end_ns: int
-    status_code: int
-    attributes: Attributes
-    resource: Attributes
-    events: tuple[SpanEvent, ...] = ()
-
-    @property
-    def failed(self) -> bool:
-        return self.status_code == STATUS_ERROR
-
-
-@dataclass(frozen=True)
-class LogRecord:
-    time_ns: int
-    trace_id: str
-    span_id: str
-    event_name: str
-    body: Any
-    attributes: Attributes
-    resource: Attributes
 
 
 def value_of(value: AnyValue) -> Any:
@@ -175,5 +136,4 @@ def _base64_ids(node: Any) -> Any:
     return out
 
 
-__all__ = ["ENCODINGS", "JSON", "PROTO", "KeyValue", "LogRecord", "OtlpError", "Span",
-           "SpanEvent", "decode_logs", "decode_spans"]
+__all__ = ["ENCODINGS", "JSON", "PROTO", "OtlpError", "decode_logs", "decode_spans"]
