@@ -85,7 +85,7 @@ class SpanMapping:
     tool_operations: tuple[str, ...] = ("execute_tool",)
     cost_attribute: str = "acsr.cost_usd"
 
-    def case_of(self, span: Span) -> str | None:
+    def case_of(self, span: Span | LogRecord) -> str | None:
         for source in (span.attributes, span.resource):
             for name in self.case_attributes:
                 value = source.get(name)
@@ -120,6 +120,19 @@ class SpanMapping:
             if mapped is not None:
                 out.append(mapped)
         return out, None
+
+    def log_events(self, record: LogRecord) -> tuple[list[dict[str, Any]], str | None]:
+        """A log record read as the span event of the same name (an evaluation result,
+        or one of our event types), its ids its trace's and span's."""
+        case_id = self.case_of(record)
+        if case_id is None:
+            return [], "no_case"
+        name = record.event_name or str(record.attributes.get("event.name", ""))
+        span = Span(record.trace_id, record.span_id, "", name, record.time_ns,
+                    record.time_ns, 0, {}, record.resource)
+        event = SpanEvent(name, record.time_ns, record.attributes)
+        mapped = self._span_event(span, record.time_ns, event, {"case_id": case_id})
+        return ([mapped], None) if mapped is not None else ([], None)
 
     def _span_event(self, span: Span, index: int, event: SpanEvent, base: dict[str, Any]
                     ) -> dict[str, Any] | None:
