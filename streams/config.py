@@ -40,6 +40,12 @@ class Settings:
     # How producers place a case_id on a partition (streams/kafka/partitioners.py); `repartition`
     # re-keys events through `repartition_topic` first.
     partitioner: str = "murmur2"
+    # `otel-bridge`: the OpenTelemetry Collector's Kafka exporter topics and encoding
+    # (streams/tools/otel_bridge.py), and where OTLP messages that do not decode go.
+    otel_spans_topic: str = "otlp_spans"
+    otel_logs_topic: str = "otlp_logs"
+    otel_encoding: str = "otlp_proto"
+    otel_dlq_topic: str = "acsr.otlp.dlq"
     repartition_topic: str = "acsr.events.by-case"
     partitions: int = 8
     replication_factor: int = 1
@@ -145,6 +151,9 @@ class Settings:
                 f"ACSR_PARTITIONER={self.partitioner!r} must be one of {', '.join(PARTITIONERS)}"
                 " (the partitioner of the clients producing events: docs/events.md, Producers)"
             )
+        if self.otel_encoding not in ("otlp_proto", "otlp_json"):
+            raise ConfigError(f"otel_encoding {self.otel_encoding!r} must be otlp_proto or "
+                              "otlp_json (the Collector's Kafka exporter `encoding`)")
         if self.log_level not in ("crit", "error", "warn", "info", "debug"):
             raise ConfigError("log_level must be one of crit, error, warn, info, debug")
         _positive(self, "broker_wait_s", "max_clock_skew_s")

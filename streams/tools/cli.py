@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_parser(commands)
     add_backfill_parser(commands)
+    bridge = commands.add_parser(
+        "otel-bridge", help="OTLP spans and logs from the OpenTelemetry Collector's Kafka "
+        "exporter into the events topic (docs/otel.md)")
+    _settings_args(bridge)
+    bridge.add_argument("--web-port", type=int, help="port of its /metrics (default 6066)")
 
     demo = commands.add_parser(
         "demo", help="embedded broker, one worker, live traffic and a terminal view")
@@ -220,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "replay":
             replay_base = base.with_overrides(partitions=args.partitions or 4)
             return run_replay_command(args, _settings(args, replay_base))
+        if args.command == "otel-bridge":
+            from streams.tools.otel_bridge import run_bridge_command
+
+            return run_bridge_command(_settings(args, base))
         if args.command == "backfill":
             return run_backfill_command(args, base)
         if args.command == "export-queue":

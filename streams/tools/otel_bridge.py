@@ -35,8 +35,13 @@ REASON_HEADER = "acsr-otel-reason"
 class BridgeTopics:
     spans: str = "otlp_spans"
     logs: str = "otlp_logs"
-    dead_letters: str = "otlp.dlq"
+    dead_letters: str = "acsr.otlp.dlq"
     encoding: str = "otlp_proto"
+
+    @classmethod
+    def of(cls, settings: Settings) -> BridgeTopics:
+        return cls(settings.otel_spans_topic, settings.otel_logs_topic,
+                   settings.otel_dlq_topic, settings.otel_encoding)
 
 
 @dataclass
@@ -129,3 +134,32 @@ async def run_bridge(settings: Settings, topics: BridgeTopics, metrics: BridgeMe
     finally:
         await dead_letters.stop()
         await consumer.stop()
+
+
+def run_bridge_command(settings: Settings) -> int:
+    """`acsr-metrics otel-bridge`: until Ctrl-C or SIGTERM, with its counters served at
+    http://WEB_HOST:WEB_PORT/metrics."""
+    import signal
+
+    from prometheus_client import start_http_server
+
+    from streams.kafka.broker import ensure_topics
+
+    metrics = BridgeMetrics()
+    start_http_server(settings.web_port, settings.web_host, registry=metrics.registry)
+    topics = BridgeTopics.of(settings)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await ensure_topics(settings.bootstrap_servers,
+                            {topics.spans: 1, topics.logs: 1, topics.dead_letters: 1,
+                             settings.events_topic: settings.partitions},
+                            settings.replication_factor, settings.broker_wait_s,
+                            kafka_client_kwargs(settings))
+        await run_bridge(settings, topics, metrics, stop, group=f"{settings.app_id}-otel")
+
+    asyncio.run(main())
+    return 0
