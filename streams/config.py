@@ -46,6 +46,8 @@ class Settings:
     otel_logs_topic: str = "otlp_logs"
     otel_encoding: str = "otlp_proto"
     otel_dlq_topic: str = "acsr.otlp.dlq"
+    otel_mapping: str = ""  # a YAML file overriding the span mapping (empty: docs/otel.md's)
+    otel_bridge: bool = False  # `worker`: each worker also runs the bridge, as a task
     repartition_topic: str = "acsr.events.by-case"
     partitions: int = 8
     replication_factor: int = 1
@@ -154,6 +156,10 @@ class Settings:
         if self.otel_encoding not in ("otlp_proto", "otlp_json"):
             raise ConfigError(f"otel_encoding {self.otel_encoding!r} must be otlp_proto or "
                               "otlp_json (the Collector's Kafka exporter `encoding`)")
+        if self.otel_mapping and not (os.path.isfile(self.otel_mapping)
+                                      and os.access(self.otel_mapping, os.R_OK)):
+            raise ConfigError(f"ACSR_OTEL_MAPPING={self.otel_mapping!r} is not a readable "
+                              "file (the YAML span mapping of docs/otel.md)")
         if self.log_level not in ("crit", "error", "warn", "info", "debug"):
             raise ConfigError("log_level must be one of crit, error, warn, info, debug")
         _positive(self, "broker_wait_s", "max_clock_skew_s")

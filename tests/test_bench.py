@@ -15,7 +15,8 @@ import pytest
 
 from streams.config import ConfigError, Settings
 from streams.core.events import parse_event
-from streams.tools import backfill_bench, bench
+from streams.kafka.otlp import decode_spans
+from streams.tools import backfill_bench, bench, otel_bench
 from streams.tools.cli import build_parser, main
 from streams.tools.replay import proc_status_kb
 
@@ -219,7 +220,7 @@ def test_a_tiny_bench_run(kafka: BrokerInfo, tmp_path: Path) -> None:
     flags = ["--broker", kafka.bootstrap, *(["--tansu"] if kafka.embedded else []),
              "--events", "1500", "--repeats", "1", "--latency-seconds", "3",
              "--open-cases", "500", "--workers", "2", "--backfill-events", "2000",
-             "--out", str(out)]
+             "--otel-messages", "5", "--out", str(out)]
     done = subprocess.run([sys.executable, "-m", "streams", "bench", *flags],
                           capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -255,6 +256,8 @@ def test_a_tiny_bench_run(kafka: BrokerInfo, tmp_path: Path) -> None:
     assert "repartition / direct, per run" in done.stdout
     assert any(BACKFILL_LINE.fullmatch(line) for line in done.stdout.splitlines())
     assert results["backfill"]["runs"][0]["lines"] == 2000
+    assert results["otel"]["runs"]["otlp_json"][0]["spans"] == 500
+    assert "otel-bridge otlp_proto, spans/s" in done.stdout
 
 
 # --- the backfill's rate (streams/tools/backfill_bench.py) ------------------------------
@@ -357,7 +360,46 @@ def test_no_backfill_skips_it(monkeypatch: pytest.MonkeyPatch) -> None:
         bench.run_bench_command(parse(["bench", "--backfill-events", "3000"]), Settings())
     assert calls == [3000]
     with pytest.raises(BrokerStarted):
-        bench.run_bench_command(parse(["bench", "--no-backfill"]), Settings())
+        bench.run_bench_command(parse(["bench", "--no-backfill", "--no-otel"]), Settings())
     assert calls == [3000]
     # The client's logger is quietened for the run only: a caller's logging is its own.
     assert logging.getLogger("aiokafka").level == client_level
+
+
+# --- the OTLP bridge's rate (streams/tools/otel_bench.py) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def bridged() -> dict[str, Any]:
+    """Three messages of 100 spans in each encoding, twice: well under a second."""
+    return otel_bench.otel_benchmark(messages=3, repeats=2)
+
+
+def test_the_otel_bench_times_both_encodings_on_the_same_spans(
+        bridged: dict[str, Any]) -> None:
+    for encoding in ("otlp_proto", "otlp_json"):
+        runs = bridged["runs"][encoding]
+        assert len(runs) == 2
+        # every turn (4 spans) is a reply, a tool call and a score, each within the contract
+        assert all((run["spans"], run["events"]) == (300, 225) for run in runs)
+        assert all(run["rate"] == pytest.approx(300 / run["seconds"]) for run in runs)
+        summary = bridged["summaries"][encoding]
+        assert 0 < summary["min"] <= summary["median"] <= summary["max"]
+    built = otel_bench.otlp_message(0, 1_795_352_400_000_000_000)
+    assert (decode_spans(built.SerializeToString(), "otlp_proto")
+            == decode_spans(otel_bench.otlp_json(built), "otlp_json"))
+    with pytest.raises(ValueError):
+        otel_bench.otel_benchmark(messages=0)
+
+
+def test_the_otel_rows_are_printed_and_no_otel_skips_them(bridged: dict[str, Any]) -> None:
+    table = _table(otel=bridged)
+    rows = {line[:32].strip(): line[32:].split() for line in table.splitlines()}
+    assert len(rows["otel-bridge otlp_proto, spans/s"]) == 3
+    assert len(rows["otel-bridge otlp_json, spans/s"]) == 3
+    assert "of 3 messages of 100 spans" in table
+    assert _table(otel={"skipped": True}) == _table()
+    assert _options().otel and not _options("--no-otel").otel
+    assert _options("--otel-messages", "7").otel_messages == 7
+    with pytest.raises(ConfigError, match="--otel-messages must be > 0"):
+        _options("--otel-messages", "0")

@@ -1,23 +1,42 @@
 """The bridge through the embedded broker: OTLP in both encodings, over several messages,
-becomes the contract events of the same story; what is not OTLP is dead-lettered."""
+becomes the contract events of the same story; what is not OTLP is dead-lettered. And a
+worker with ACSR_OTEL_BRIDGE does the same as a task, its counters in its /metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from streams.config import Settings
 from streams.kafka.broker import ensure_topics
 from streams.kafka.publisher import producer_options
 from streams.tools.otel_bridge import REASON_HEADER, BridgeMetrics, BridgeTopics, run_bridge
+from streams.tools.replay import Cluster, WorkerProcess, create_topics
 
+from .cluster_helpers import run_settings, worker_metrics
 from .conftest import BrokerInfo
+from .metrics_helpers import by_label
 from .test_otlp import agent_turn, as_json, as_proto
 
 pytestmark = pytest.mark.integration
+
+
+async def send_all(settings: Settings, topic: str, values: list[bytes]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers,
+                                **producer_options(settings.tansu))
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(topic, value)
+    finally:
+        await producer.stop()
 
 
 async def read_all(bootstrap: str, topic: str, count: int, timeout_s: float = 60) -> list:
@@ -47,15 +66,9 @@ async def test_spans_in_several_messages_become_the_storys_events(
                          topics.dead_letters: 1})
     spans = agent_turn()
     encode = as_proto if encoding == "otlp_proto" else as_json
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers,
-                                **producer_options(settings.tansu))
-    await producer.start()
-    try:
-        for part in (spans[:2], spans[2:]):  # one trace, two messages, as exporters batch
-            await producer.send_and_wait(topics.spans, encode(part))
-        await producer.send_and_wait(topics.spans, b"\x00garbage")
-    finally:
-        await producer.stop()
+    # one trace, two messages, as exporters batch; then one that is no OTLP
+    await send_all(settings, topics.spans, [encode(spans[:2]), encode(spans[2:]),
+                                            b"\x00garbage"])
     metrics, stop = BridgeMetrics(), asyncio.Event()
     bridge = asyncio.create_task(run_bridge(settings, topics, metrics, stop, group=run))
     try:
@@ -72,3 +85,50 @@ async def test_spans_in_several_messages_become_the_storys_events(
     reason = dict(dead[0].headers)[REASON_HEADER].decode()
     assert reason in ("not_otlp_proto", "not_json")
     assert metrics.invalid.labels(reason)._value.get() == 1
+
+
+async def answers(worker: WorkerProcess) -> bool:
+    try:
+        await worker_metrics(worker)
+    except (OSError, TimeoutError, aiohttp.ClientError):
+        return False
+    return True
+
+
+async def test_a_worker_with_acsr_otel_bridge_runs_the_bridge(kafka: BrokerInfo,
+                                                              tmp_path: Path) -> None:
+    """One real worker process: it creates the OTLP topics, publishes the story's events,
+    counts them in its own /metrics, and stops cleanly on SIGTERM."""
+    run = uuid.uuid4().hex[:8]
+    settings = run_settings(kafka, partitions=2, otel_bridge=True,
+                            otel_spans_topic=f"otel-{run}.spans",
+                            otel_logs_topic=f"otel-{run}.logs",
+                            otel_dlq_topic=f"otel-{run}.dlq", data_dir=str(tmp_path / "data"))
+    await create_topics(settings)  # the worker's own, never auto-created by a reader
+    cluster = Cluster(settings, 1, tmp_path / "logs")
+    cluster.start()
+    worker = cluster.workers[0]
+    try:
+        deadline = time.monotonic() + 60
+        while not await answers(worker):  # it ensures the OTLP topics before it serves
+            assert time.monotonic() < deadline, worker.log_tail()
+            cluster.check_alive()
+            await asyncio.sleep(0.5)
+        await send_all(settings, settings.otel_spans_topic, [as_proto(agent_turn())])
+        events = await read_all(settings.bootstrap_servers, settings.events_topic, 3)
+        published: dict[str, float] = {}
+        while sum(published.values()) < 3:
+            assert time.monotonic() < deadline + 60, worker.log_tail()
+            published = by_label(await worker_metrics(worker), "acsr_otel_events_total",
+                                 "type")
+            await asyncio.sleep(0.5)
+        stopping = time.monotonic()
+    finally:
+        cluster.stop()
+    stop_s = time.monotonic() - stopping
+    assert sorted(orjson.loads(record.value)["type"] for record in events) == [
+        "action_executed", "evaluation_scored", "response_sent"]
+    assert published == {"action_executed": 1, "evaluation_scored": 1, "response_sent": 1}
+    log = worker.log_path.read_text()
+    assert worker.process is not None and worker.process.returncode in (0, -15), (stop_s, log)
+    assert "the OTLP bridge failed" not in log and "Traceback" not in log

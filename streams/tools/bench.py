@@ -25,7 +25,9 @@ One run, on the embedded broker (or `--broker`), every topic and consumer group 
 Before all of that, and before the broker starts: the backfill (`acsr-metrics backfill`,
 no broker) on an archive of `--backfill-events` simulator events, `--repeats` times beside
 orjson's decode of the same lines; its rate and the OpenMetrics it writes per day of event
-time (streams/tools/backfill_bench.py; `--no-backfill` skips it).
+time (streams/tools/backfill_bench.py; `--no-backfill` skips it). Then the OTLP bridge's
+spans a second through decode, map and contract check, no broker either, in both
+encodings (streams/tools/otel_bench.py; `--no-otel` skips it).
 
 The last stdout line is `bench: processor X ev/s, raw ceiling Y ev/s, ratio Z`.
 """
@@ -67,6 +69,8 @@ from streams.metrics.exporter import metric_sums
 from streams.tools.backfill_bench import EVENTS as BACKFILL_EVENTS
 from streams.tools.backfill_bench import backfill_line, measure_backfill
 from streams.tools.core_bench import measure_core
+from streams.tools.otel_bench import MESSAGES as OTEL_MESSAGES
+from streams.tools.otel_bench import measure_otel, otel_line
 from streams.tools.replay import (
     Cluster,
     ReplayError,
@@ -124,6 +128,8 @@ class BenchOptions:
     processes_compare: bool = False  # also each repeat with `worker --processes 2`
     backfill: bool = True  # the backfill's rate (streams/tools/backfill_bench.py)
     backfill_events: int = BACKFILL_EVENTS
+    otel: bool = True  # the OTLP bridge's rate (streams/tools/otel_bench.py)
+    otel_messages: int = OTEL_MESSAGES
     seed: int = 1
     scrape_s: float = 1.0  # latency: how often /metrics is scraped (a scrape costs ~0.1 s)
     stall_timeout_s: float = 120.0
@@ -174,6 +180,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     bench.add_argument("--backfill-events", type=int, default=defaults.backfill_events,
                        help="events in the backfill's archive (default "
                        f"{defaults.backfill_events})")
+    bench.add_argument("--no-otel", action="store_true",
+                       help="skip timing the OTLP bridge (decode, map and contract check of "
+                       "spans, no broker)")
+    bench.add_argument("--otel-messages", type=int, default=defaults.otel_messages,
+                       help="OTLP messages of 100 spans the bridge's timing decodes in each "
+                       f"encoding (default {defaults.otel_messages})")
     bench.add_argument("--processes-compare", action="store_true",
                        help=f"also run `worker --processes {PROCESSES_COMPARED}` in each repeat "
                        "(a supervisor and its processes, the same events, a group of its "
@@ -211,6 +223,9 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     if not args.no_backfill and args.backfill_events <= 0:
         raise ConfigError(f"--backfill-events must be > 0, got {args.backfill_events} "
                           "(or skip the run with --no-backfill)")
+    if not args.no_otel and args.otel_messages <= 0:
+        raise ConfigError(f"--otel-messages must be > 0, got {args.otel_messages} "
+                          "(or skip the run with --no-otel)")
     if not args.scrape_interval > 0:
         raise ConfigError(f"--scrape-interval must be > 0 seconds, got {args.scrape_interval:g}")
     if not args.stall_timeout > 0:
@@ -232,6 +247,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
                         repartition=not args.no_repartition, core=not args.no_core,
                         processes_compare=args.processes_compare,
                         backfill=not args.no_backfill, backfill_events=args.backfill_events,
+                        otel=not args.no_otel, otel_messages=args.otel_messages,
                         seed=args.seed, scrape_s=args.scrape_interval,
                         stall_timeout_s=args.stall_timeout, out=args.out,
                         broker=args.broker, tansu=args.tansu)
@@ -268,6 +284,8 @@ def _run_bench_command(options: BenchOptions, settings: Settings, base: Settings
     # with the settings `acsr-metrics backfill` would have (its partitions, not --partitions).
     backfill = (measure_backfill(base, options.backfill_events, options.repeats,
                                  options.seed, say) if options.backfill else {"skipped": True})
+    otel = (measure_otel(options.otel_messages, options.repeats, say) if options.otel
+            else {"skipped": True})
     work_dir = Path(tempfile.mkdtemp(prefix="acsr-bench-"))
     broker: EmbeddedBroker | None = None
     ok = False
@@ -291,7 +309,7 @@ def _run_bench_command(options: BenchOptions, settings: Settings, base: Settings
         else:
             say(f"bench: worker logs kept in {work_dir}")
     line = results.pop("line")
-    results.update(backfill=backfill, line=line)
+    results.update(backfill=backfill, otel=otel, line=line)
     print(format_table(results))
     try:
         options.out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
@@ -438,6 +456,10 @@ def format_table(results: dict[str, Any]) -> str:
         add("backfill (ev/s)", backfill["rate_summary"])
         add("backfill / orjson decode, CPU", backfill["ratio_summary"], 1)
         add("  orjson decode (ev/s)", backfill["decode_rate_summary"])
+    otel = results.get("otel", {"skipped": True})
+    if not otel.get("skipped"):
+        for encoding, summary in otel["summaries"].items():
+            add(f"otel-bridge {encoding}, spans/s", summary)
     lines = [f"{rows[0][0]:<32}{rows[0][1]:>12}{rows[0][2]:>12}{rows[0][3]:>12}"]
     lines += [f"{label:<32}{a:>12}{b:>12}{c:>12}" for label, a, b, c in rows[1:]]
     lines.append(f"{'ratio of medians':<32}{throughput['ratio']:>36.3f}")
@@ -474,6 +496,8 @@ def format_table(results: dict[str, Any]) -> str:
                      f"{backfill['seconds_summary']['median']:,.1f} s and "
                      f"{backfill['bytes_written_summary']['median'] / 1e6:,.1f} MB a run "
                      f"(median); process peak RSS {backfill['process_peak_rss_mb']:,.0f} MB")
+    if not otel.get("skipped"):
+        lines.append(otel_line(otel))
     return "\n".join(lines)
 
 

@@ -58,6 +58,7 @@ def _settings(args: argparse.Namespace, base: Settings) -> Settings:
         web_port=getattr(args, "web_port", None),
         sample_resolved_rate=getattr(args, "sample_resolved", None),
         processes=getattr(args, "processes", None),
+        otel_mapping=getattr(args, "mapping", None),
     )
 
 
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         "exporter into the events topic (docs/otel.md)")
     _settings_args(bridge)
     bridge.add_argument("--web-port", type=int, help="port of its /metrics (default 6066)")
+    bridge.add_argument("--mapping", metavar="FILE",
+                        help="a YAML file overriding the span mapping (env ACSR_OTEL_MAPPING; "
+                        "docs/otel.md)")
 
     demo = commands.add_parser(
         "demo", help="embedded broker, one worker, live traffic and a terminal view")
@@ -128,6 +132,7 @@ def run_worker(settings: Settings) -> int:
 
     from streams.faust_patches import FaustPatchError, self_check
     from streams.kafka.security import kafka_client_kwargs
+    from streams.tools.otel_bridge import BridgeTopics, worker_bridge
     from streams.worker.app import build_app
 
     try:
@@ -135,6 +140,10 @@ def run_worker(settings: Settings) -> int:
     except FaustPatchError as err:
         print(f"acsr-metrics: {err}", file=sys.stderr)
         return 4
+    bridge, bridge_topics = None, dict[str, int]()
+    if settings.otel_bridge:  # its mapping read now (a bad file: exit 2), its topics ensured
+        bridge = worker_bridge(settings)
+        bridge_topics = BridgeTopics.of(settings).to_ensure(settings)
     use_uvloop()
     loop = asyncio.new_event_loop()
     try:
@@ -143,12 +152,13 @@ def run_worker(settings: Settings) -> int:
             settings.dlq_topic: settings.partitions,
             settings.group_topic: 1,
             **settings.rekeying_topics,
+            **bridge_topics,
         }, settings.replication_factor, settings.broker_wait_s, kafka_client_kwargs(settings),
             settings.topic_configs))
     finally:
         loop.close()
     asyncio.set_event_loop(asyncio.new_event_loop())
-    app = build_app(settings)
+    app = build_app(settings, bridge)
     worker = Worker(app, loglevel=settings.log_level, quiet=True)
     # Faust's start-up spinner sets the root logger to DEBUG to animate on every log call,
     # and so every debug call of Faust and aiokafka builds a record: 10-15% of a busy

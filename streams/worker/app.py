@@ -2,7 +2,8 @@
 
 `build_app(settings)` declares everything; `acsr-metrics worker` runs it. Each agent is a
 short loop that hands its batches to the `BatchProcessor` (streams/worker/batches.py),
-which applies the ledger's plans in the order exactness needs.
+which applies the ledger's plans in the order exactness needs. With ACSR_OTEL_BRIDGE the
+command hands it the OTLP bridge too (streams/tools/otel_bridge.py), run as a task.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import faust
 from faust.types import TP
 from faust.web import Request, Response, View
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from streams import __version__
 from streams.config import Settings
@@ -51,6 +52,11 @@ PRODUCER_LINGER_S = 0.005
 DELIVERY_CHECK_S = 1.0
 STALLED_DELIVERY_S = 5.0  # a due record held by the broker that long is fetched again
 GC_THRESHOLDS = (50_000, 20, 100)  # the collector's generations (tune_gc)
+BRIDGE_STOP_S = 10.0  # how long a stopping worker waits for the bridge's batch to land
+
+# The OTLP bridge a worker runs beside its agents: given the worker's registry (its
+# counters are served at the worker's /metrics), it runs until the event is set.
+BridgeRunner = Callable[[CollectorRegistry, asyncio.Event], Awaitable[None]]
 
 
 class BrokerStateLost(RuntimeError):
@@ -317,14 +323,42 @@ class Worker:
         }
 
 
-def build_app(settings: Settings) -> faust.App:
+def build_app(settings: Settings, bridge: BridgeRunner | None = None) -> faust.App:
     tune_gc()
     app = faust_app(settings)
     handovers = batch_handovers(settings)
     worker = Worker(app, settings, install_patches(app, settings, handovers), handovers)
     add_agents(app, worker)
     add_views(app, worker)
+    if bridge is not None:
+        add_bridge(app, worker, bridge)
     return app
+
+
+def add_bridge(app: faust.App, worker: Worker, bridge: BridgeRunner) -> None:
+    """The OTLP bridge as a task of the worker. A stopping worker tells it to stop and
+    waits for its batch to land (its consumer and producer stopped) before Faust's own
+    producer goes; if it does not in BRIDGE_STOP_S, Faust cancels it, which stops its
+    clients too. A bridge that fails stops the worker: never a worker silently not
+    bridging."""
+    stop = asyncio.Event()
+    running: list[asyncio.Future[Any]] = []
+
+    @app.task
+    async def otel_bridge() -> None:
+        running.append(asyncio.ensure_future(bridge(worker.registry, stop)))
+        try:
+            await running[0]
+        except Exception as err:
+            log.critical("the OTLP bridge failed: %r", err)
+            await app.crash(err)
+            raise
+
+    @app.on_before_shutdown.connect
+    async def stop_bridge(sender: Any, **_: Any) -> None:
+        stop.set()
+        if running:
+            await asyncio.wait(running, timeout=BRIDGE_STOP_S)
 
 
 def add_agents(app: faust.App, worker: Worker) -> None:
