@@ -13,9 +13,13 @@ import aiohttp
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from streams.config import Settings
 from streams.kafka.broker import ensure_topics
+from streams.kafka.partitioners import partition_for
 from streams.kafka.publisher import producer_options
 from streams.tools.otel_bridge import REASON_HEADER, BridgeMetrics, BridgeTopics, run_bridge
 from streams.tools.replay import Cluster, WorkerProcess, create_topics
@@ -54,16 +58,21 @@ async def read_all(bootstrap: str, topic: str, count: int, timeout_s: float = 60
     return records
 
 
+async def run_topics(kafka: BrokerInfo, encoding: str, **overrides: object
+                     ) -> tuple[str, Settings, BridgeTopics]:
+    """A run id, settings and bridge topics of this run only, the topics created."""
+    run = uuid.uuid4().hex[:8]
+    settings = kafka.settings(partitions=2, events_topic=f"otel-{run}.events", **overrides)
+    topics = BridgeTopics(spans=f"otel-{run}.spans", logs=f"otel-{run}.logs",
+                          dead_letters=f"otel-{run}.dlq", encoding=encoding)
+    await ensure_topics(settings.bootstrap_servers, topics.to_ensure(settings))
+    return run, settings, topics
+
+
 @pytest.mark.parametrize("encoding", ["otlp_proto", "otlp_json"])
 async def test_spans_in_several_messages_become_the_storys_events(
         kafka: BrokerInfo, encoding: str) -> None:
-    run = uuid.uuid4().hex[:8]
-    settings = kafka.settings(partitions=2, events_topic=f"otel-{run}.events")
-    topics = BridgeTopics(spans=f"otel-{run}.spans", logs=f"otel-{run}.logs",
-                          dead_letters=f"otel-{run}.dlq", encoding=encoding)
-    await ensure_topics(settings.bootstrap_servers,
-                        {settings.events_topic: 2, topics.spans: 1, topics.logs: 1,
-                         topics.dead_letters: 1})
+    run, settings, topics = await run_topics(kafka, encoding)
     spans = agent_turn()
     encode = as_proto if encoding == "otlp_proto" else as_json
     # one trace, two messages, as exporters batch; then one that is no OTLP
@@ -85,6 +94,50 @@ async def test_spans_in_several_messages_become_the_storys_events(
     reason = dict(dead[0].headers)[REASON_HEADER].decode()
     assert reason in ("not_otlp_proto", "not_json")
     assert metrics.invalid.labels(reason)._value.get() == 1
+
+
+def caseless_spans() -> list:
+    """Two spans of an agent that sets no case anywhere."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("t")
+    with (tracer.start_as_current_span("invoke_agent support"),
+          tracer.start_as_current_span("chat gpt")):
+        pass
+    return list(exporter.get_finished_spans())
+
+
+@pytest.mark.parametrize("encoding, reason", [("otlp_proto", "not_otlp_proto"),
+                                              ("otlp_json", "not_json")])
+async def test_malformed_otlp_is_dead_lettered_with_its_reason_and_the_bridge_goes_on(
+        kafka: BrokerInfo, encoding: str, reason: str) -> None:
+    """A truncated message and one in the other encoding go, unchanged, to the bridge's
+    dead-letter topic with their reason; spans without a case are counted, never
+    guessed; the valid message after them is published, keyed and placed by case."""
+    run, settings, topics = await run_topics(kafka, encoding, partitioner="crc32")
+    encode, other = (as_proto, as_json) if encoding == "otlp_proto" else (as_json, as_proto)
+    valid = encode(agent_turn())
+    truncated, wrong_encoding = valid[: len(valid) // 2], other(agent_turn())
+    await send_all(settings, topics.spans,
+                   [truncated, wrong_encoding, encode(caseless_spans()), valid])
+    metrics, stop = BridgeMetrics(), asyncio.Event()
+    bridge = asyncio.create_task(run_bridge(settings, topics, metrics, stop, group=run))
+    try:
+        events = await read_all(settings.bootstrap_servers, settings.events_topic, 3)
+        dead = await read_all(settings.bootstrap_servers, topics.dead_letters, 2)
+    finally:
+        stop.set()
+        await asyncio.wait_for(bridge, 30)
+    assert [record.value for record in dead] == [truncated, wrong_encoding]
+    assert [dict(record.headers)[REASON_HEADER].decode() for record in dead] == [reason] * 2
+    assert metrics.invalid.labels(reason)._value.get() == 2
+    assert metrics.unmapped.labels("no_case")._value.get() == 2
+    assert sorted(orjson.loads(record.value)["type"] for record in events) == [
+        "action_executed", "evaluation_scored", "response_sent"]
+    for record in events:
+        assert record.key == b"case-1"
+        assert record.partition == partition_for("crc32", record.key, settings.partitions)
 
 
 async def answers(worker: WorkerProcess) -> bool:
