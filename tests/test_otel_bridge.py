@@ -8,6 +8,7 @@ import asyncio
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -21,6 +22,7 @@ from streams.config import Settings
 from streams.kafka.broker import ensure_topics
 from streams.kafka.partitioners import partition_for
 from streams.kafka.publisher import producer_options
+from streams.kafka.security import kafka_client_kwargs
 from streams.tools.otel_bridge import REASON_HEADER, BridgeMetrics, BridgeTopics, run_bridge
 from streams.tools.replay import Cluster, WorkerProcess, create_topics
 
@@ -33,8 +35,10 @@ pytestmark = pytest.mark.integration
 
 
 async def send_all(settings: Settings, topic: str, values: list[bytes]) -> None:
+    """Unkeyed messages, one by one, as the Collector's exporter writes its batches."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers,
-                                **producer_options(settings.tansu))
+                                **producer_options(settings.tansu),
+                                **kafka_client_kwargs(settings))
     await producer.start()
     try:
         for value in values:
@@ -43,11 +47,14 @@ async def send_all(settings: Settings, topic: str, values: list[bytes]) -> None:
         await producer.stop()
 
 
-async def read_all(bootstrap: str, topic: str, count: int, timeout_s: float = 60) -> list:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap,
-                                auto_offset_reset="earliest", group_id=None)
+async def read_all(settings: Settings, topic: str, count: int, timeout_s: float = 60
+                   ) -> list[Any]:
+    """The first `count` records of `topic` (all partitions)."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=settings.bootstrap_servers,
+                                auto_offset_reset="earliest", group_id=None,
+                                **kafka_client_kwargs(settings))
     await consumer.start()
-    records: list = []
+    records: list[Any] = []
     try:
         async with asyncio.timeout(timeout_s):
             while len(records) < count:
@@ -56,6 +63,21 @@ async def read_all(bootstrap: str, topic: str, count: int, timeout_s: float = 60
     finally:
         await consumer.stop()
     return records
+
+
+async def bridged(settings: Settings, topics: BridgeTopics, group: str, events: int,
+                  dead: int) -> tuple[BridgeMetrics, list[Any], list[Any]]:
+    """Run the bridge until `events` events and `dead` dead letters are out; its counters
+    and those records."""
+    metrics, stop = BridgeMetrics(), asyncio.Event()
+    bridge = asyncio.create_task(run_bridge(settings, topics, metrics, stop, group=group))
+    try:
+        published = await read_all(settings, settings.events_topic, events)
+        dead_letters = await read_all(settings, topics.dead_letters, dead)
+    finally:
+        stop.set()
+        await asyncio.wait_for(bridge, 30)
+    return metrics, published, dead_letters
 
 
 async def run_topics(kafka: BrokerInfo, encoding: str, **overrides: object
@@ -78,14 +100,7 @@ async def test_spans_in_several_messages_become_the_storys_events(
     # one trace, two messages, as exporters batch; then one that is no OTLP
     await send_all(settings, topics.spans, [encode(spans[:2]), encode(spans[2:]),
                                             b"\x00garbage"])
-    metrics, stop = BridgeMetrics(), asyncio.Event()
-    bridge = asyncio.create_task(run_bridge(settings, topics, metrics, stop, group=run))
-    try:
-        events = await read_all(settings.bootstrap_servers, settings.events_topic, 3)
-        dead = await read_all(settings.bootstrap_servers, topics.dead_letters, 1)
-    finally:
-        stop.set()
-        await asyncio.wait_for(bridge, 30)
+    metrics, events, dead = await bridged(settings, topics, run, events=3, dead=1)
     docs = [orjson.loads(record.value) for record in events]
     assert sorted(doc["type"] for doc in docs) == [
         "action_executed", "evaluation_scored", "response_sent"]
@@ -121,14 +136,7 @@ async def test_malformed_otlp_is_dead_lettered_with_its_reason_and_the_bridge_go
     truncated, wrong_encoding = valid[: len(valid) // 2], other(agent_turn())
     await send_all(settings, topics.spans,
                    [truncated, wrong_encoding, encode(caseless_spans()), valid])
-    metrics, stop = BridgeMetrics(), asyncio.Event()
-    bridge = asyncio.create_task(run_bridge(settings, topics, metrics, stop, group=run))
-    try:
-        events = await read_all(settings.bootstrap_servers, settings.events_topic, 3)
-        dead = await read_all(settings.bootstrap_servers, topics.dead_letters, 2)
-    finally:
-        stop.set()
-        await asyncio.wait_for(bridge, 30)
+    metrics, events, dead = await bridged(settings, topics, run, events=3, dead=2)
     assert [record.value for record in dead] == [truncated, wrong_encoding]
     assert [dict(record.headers)[REASON_HEADER].decode() for record in dead] == [reason] * 2
     assert metrics.invalid.labels(reason)._value.get() == 2
@@ -168,7 +176,7 @@ async def test_a_worker_with_acsr_otel_bridge_runs_the_bridge(kafka: BrokerInfo,
             cluster.check_alive()
             await asyncio.sleep(0.5)
         await send_all(settings, settings.otel_spans_topic, [as_proto(agent_turn())])
-        events = await read_all(settings.bootstrap_servers, settings.events_topic, 3)
+        events = await read_all(settings, settings.events_topic, 3)
         published: dict[str, float] = {}
         while sum(published.values()) < 3:
             assert time.monotonic() < deadline + 60, worker.log_tail()

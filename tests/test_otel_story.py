@@ -23,7 +23,6 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from opentelemetry import baggage, context, trace
 from opentelemetry.processor.baggage import ALLOW_ALL_BAGGAGE_KEYS, BaggageSpanProcessor
 from opentelemetry.sdk.resources import Resource
@@ -34,7 +33,6 @@ from opentelemetry.trace import Status, StatusCode
 
 from streams.config import Settings
 from streams.kafka.broker import ensure_topics
-from streams.kafka.publisher import producer_options
 from streams.kafka.security import kafka_client_kwargs
 from streams.metrics.exporter import metric_sums
 from streams.tools.history import History
@@ -47,6 +45,7 @@ from streams.tools.replay import (
 )
 
 from .conftest import BrokerInfo, report_mismatches
+from .test_otel_bridge import read_all, send_all
 from .test_otlp import as_json, as_proto
 
 pytestmark = pytest.mark.integration
@@ -328,37 +327,6 @@ class Landing:
     metrics: BridgeMetrics | None = None  # the standalone bridge's counters
 
 
-async def send_unkeyed(settings: Settings, topic: str, messages: list[bytes]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers,
-                                **producer_options(settings.tansu),
-                                **kafka_client_kwargs(settings))
-    await producer.start()
-    try:
-        for message in messages:
-            await producer.send_and_wait(topic, message)
-    finally:
-        await producer.stop()
-
-
-async def read_events(settings: Settings, count: int, timeout_s: float = 60
-                      ) -> list[dict[str, Any]]:
-    """The first `count` events of the events topic (all partitions)."""
-    consumer = AIOKafkaConsumer(settings.events_topic,
-                                bootstrap_servers=settings.bootstrap_servers,
-                                auto_offset_reset="earliest", group_id=None,
-                                **kafka_client_kwargs(settings))
-    await consumer.start()
-    records: list[Any] = []
-    try:
-        async with asyncio.timeout(timeout_s):
-            while len(records) < count:
-                for batch in (await consumer.getmany(timeout_ms=500)).values():
-                    records += batch
-    finally:
-        await consumer.stop()
-    return [orjson.loads(record.value) for record in records]
-
-
 def otlp_loader(messages: list[bytes], landing: Landing, standalone: bool) -> Loader:
     """A replay `load`: instead of the hand-written lines, the exporter's OTLP messages on
     the spans topic; the bridge (run here, or by the worker) publishes the events. Returns
@@ -370,7 +338,7 @@ def otlp_loader(messages: list[bytes], landing: Landing, standalone: bool) -> Lo
         await ensure_topics(settings.bootstrap_servers,
                             {topics.spans: 1, topics.logs: 1, topics.dead_letters: 1},
                             client=kafka_client_kwargs(settings))
-        await send_unkeyed(settings, topics.spans, messages)
+        await send_all(settings, topics.spans, messages)
         stop = asyncio.Event()
         bridge = None
         if standalone:
@@ -378,7 +346,8 @@ def otlp_loader(messages: list[bytes], landing: Landing, standalone: bool) -> Lo
             bridge = asyncio.create_task(run_bridge(settings, topics, landing.metrics, stop,
                                                     group=f"{settings.app_id}-story-bridge"))
         try:
-            landing.events = await read_events(settings, len(lines))
+            landing.events = [orjson.loads(record.value) for record in
+                              await read_all(settings, settings.events_topic, len(lines))]
         finally:
             stop.set()
             if bridge is not None:
