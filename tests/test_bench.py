@@ -258,6 +258,14 @@ def test_a_tiny_bench_run(kafka: BrokerInfo, tmp_path: Path) -> None:
     assert results["backfill"]["runs"][0]["lines"] == 2000
     assert results["otel"]["runs"]["otlp_json"][0]["spans"] == 500
     assert "otel-bridge otlp_proto, spans/s" in done.stdout
+    # the real bridge through the broker: every span's events published, none refused
+    for encoding in ("otlp_proto", "otlp_json"):
+        run, = results["otel"]["via_broker"]["runs"][encoding]
+        assert (run["spans"], run["events"]) == (500, 375)
+        assert run["events_invalid"] == run["messages_invalid"] == 0
+        assert run["rate"] == pytest.approx(500 / run["seconds"]) and run["start_s"] > 0
+    assert results["otel"]["via_broker"]["one_record_batches"] == kafka.embedded
+    assert "otel-bridge otlp_json via broker, spans/s" in done.stdout
 
 
 # --- the backfill's rate (streams/tools/backfill_bench.py) ------------------------------
@@ -397,7 +405,21 @@ def test_the_otel_rows_are_printed_and_no_otel_skips_them(bridged: dict[str, Any
     rows = {line[:32].strip(): line[32:].split() for line in table.splitlines()}
     assert len(rows["otel-bridge otlp_proto, spans/s"]) == 3
     assert len(rows["otel-bridge otlp_json, spans/s"]) == 3
-    assert "of 3 messages of 100 spans" in table
+    assert "of 3 messages of 100 spans" in table and "via broker" not in table
+    # The rows through the broker: their longer labels widen the label column.
+    summary = {"min": 1000.0, "median": 2000.0, "max": 3000.0}
+    via_broker = {"one_record_batches": True,
+                  "summaries": {"otlp_proto": summary, "otlp_json": summary}}
+    table = _table(otel={**bridged, "via_broker": via_broker})
+    rows = {label.strip(): figures for label, *figures
+            in (line.rsplit(None, 3) for line in table.splitlines()[1:] if "  " in line)}
+    assert rows["otel-bridge otlp_json via broker, spans/s"] == ["1,000", "2,000", "3,000"]
+    assert len(rows["otel-bridge otlp_proto, spans/s"]) == 3
+    header, *_ = table.splitlines()
+    assert all(len(line) == len(header) for line in table.splitlines()
+               if line.startswith(("otel-bridge", "raw ceiling")))
+    assert ("via the broker: otlp_proto 2,000, otlp_json 2,000 spans/s" in table
+            and "one record per producer batch (Tansu)" in table)
     assert _table(otel={"skipped": True}) == _table()
     assert _options().otel and not _options("--no-otel").otel
     assert _options("--otel-messages", "7").otel_messages == 7

@@ -27,7 +27,9 @@ no broker) on an archive of `--backfill-events` simulator events, `--repeats` ti
 orjson's decode of the same lines; its rate and the OpenMetrics it writes per day of event
 time (streams/tools/backfill_bench.py; `--no-backfill` skips it). Then the OTLP bridge's
 spans a second through decode, map and contract check, no broker either, in both
-encodings (streams/tools/otel_bench.py; `--no-otel` skips it).
+encodings; once the broker is up, the real bridge's spans a second through it, on topics
+and a consumer group of each run's own (streams/tools/otel_bench.py; `--no-otel` skips
+both).
 
 The last stdout line is `bench: processor X ev/s, raw ceiling Y ev/s, ratio Z`.
 """
@@ -70,7 +72,7 @@ from streams.tools.backfill_bench import EVENTS as BACKFILL_EVENTS
 from streams.tools.backfill_bench import backfill_line, measure_backfill
 from streams.tools.core_bench import measure_core
 from streams.tools.otel_bench import MESSAGES as OTEL_MESSAGES
-from streams.tools.otel_bench import measure_otel, otel_line
+from streams.tools.otel_bench import measure_otel, otel_broker_benchmark, otel_line
 from streams.tools.replay import (
     Cluster,
     ReplayError,
@@ -182,10 +184,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        f"{defaults.backfill_events})")
     bench.add_argument("--no-otel", action="store_true",
                        help="skip timing the OTLP bridge (decode, map and contract check of "
-                       "spans, no broker)")
+                       "spans, no broker; then the real bridge through the broker)")
     bench.add_argument("--otel-messages", type=int, default=defaults.otel_messages,
-                       help="OTLP messages of 100 spans the bridge's timing decodes in each "
-                       f"encoding (default {defaults.otel_messages})")
+                       help="OTLP messages of 100 spans the bridge's timings take in each "
+                       f"encoding, in process and through the broker (default "
+                       f"{defaults.otel_messages})")
     bench.add_argument("--processes-compare", action="store_true",
                        help=f"also run `worker --processes {PROCESSES_COMPARED}` in each repeat "
                        "(a supervisor and its processes, the same events, a group of its "
@@ -297,6 +300,10 @@ def _run_bench_command(options: BenchOptions, settings: Settings, base: Settings
             f"({'embedded' if broker else 'given'}{', tansu' if settings.tansu else ''}); "
             f"worker logs in {work_dir}")
         try:
+            if options.otel:  # first, on a broker not yet loaded, after the in-process rows
+                otel["via_broker"] = asyncio.run(otel_broker_benchmark(
+                    settings, f"bench-{uuid.uuid4().hex[:8]}-otel", options.otel_messages,
+                    options.repeats, say, options.stall_timeout_s))
             results = asyncio.run(run_bench(options, settings, work_dir, say))
         except KafkaError as err:
             raise BrokerUnavailable(f"{settings.bootstrap_servers}: {err}") from None
@@ -460,9 +467,11 @@ def format_table(results: dict[str, Any]) -> str:
     if not otel.get("skipped"):
         for encoding, summary in otel["summaries"].items():
             add(f"otel-bridge {encoding}, spans/s", summary)
-    lines = [f"{rows[0][0]:<32}{rows[0][1]:>12}{rows[0][2]:>12}{rows[0][3]:>12}"]
-    lines += [f"{label:<32}{a:>12}{b:>12}{c:>12}" for label, a, b, c in rows[1:]]
-    lines.append(f"{'ratio of medians':<32}{throughput['ratio']:>36.3f}")
+        for encoding, summary in otel.get("via_broker", {}).get("summaries", {}).items():
+            add(f"otel-bridge {encoding} via broker, spans/s", summary)
+    width = max(32, *(len(label) + 2 for label, *_ in rows))  # labels stay apart from figures
+    lines = [f"{label:<{width}}{a:>12}{b:>12}{c:>12}" for label, a, b, c in rows]
+    lines.append(f"{'ratio of medians':<{width}}{throughput['ratio']:>36.3f}")
     if rekeyed.get("skipped"):
         lines.append("repartition: skipped")
     lines.append(f"events per run: {throughput['events']:,} on {results['config']['partitions']} "
