@@ -378,3 +378,28 @@ async def test_offsets_the_broker_confirmed_and_then_lost_are_reported() -> None
     consumer.broker = {A: None}  # the broker lost its log
     await consumer.seek_to_committed()
     assert lost == [[A]]
+
+
+async def test_a_commit_that_lands_during_the_read_back_is_no_loss() -> None:
+    """The read-back asked the broker before the commit landed: its answer has no offset
+    for that partition, which is not a lost log."""
+    consumer = Committing()
+    lost: list[list[TP]] = []
+
+    async def on_lost(tps: list[TP]) -> None:
+        lost.append(tps)
+
+    read_back = consumer.seek_to_committed
+
+    async def slow_read_back() -> dict[TP, int | None]:
+        answer = await read_back()  # asked before the commit below
+        assert await consumer._commit({A: 5})  # lands meanwhile, confirmed
+        return answer
+
+    consumer.seek_to_committed = slow_read_back  # type: ignore[method-assign]
+    stop_when_offsets_vanish(consumer, on_lost)
+    await consumer.seek_to_committed()
+    assert lost == []
+    consumer.broker = {A: None}  # lost after that commit was confirmed: reported
+    await consumer.seek_to_committed()
+    assert lost == [[A]]
