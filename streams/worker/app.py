@@ -378,9 +378,9 @@ def add_agents(app: faust.App, worker: Worker) -> None:
     @app.agent(topics.links)
     async def apply_links(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            if worker.recovering():  # revoked, not yet recovered: fetched again later
-                keep_uncommitted([event.message])
-            elif await deliveries.in_order(event.message):
+            # The batches' check, for a batch of one: left uncommitted while the group
+            # rebalances, skipped when out of order.
+            if await deliveries.by_partition([event.message], worker.current_generation()):
                 await worker.processor.apply_link(event.message)
                 worker.group.changed(event.message.partition)
 
